@@ -1,0 +1,136 @@
+//! HKDF-SHA256 derivation of per-file keys (RFC 5869), one key per purpose.
+
+use std::fmt;
+
+use aes::cipher::KeyInit;
+use aes::Aes256Enc;
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use super::{FileId, SecretKey, KEY_LEN};
+
+/// HKDF `info` for the data-encryption key (format version 1).
+pub const LABEL_DATA: &[u8] = b"ear-sidecar/v1 data-key";
+/// HKDF `info` for the header MAC key.
+pub const LABEL_HEADER_MAC: &[u8] = b"ear-sidecar/v1 header-mac-key";
+/// HKDF `info` for the per-block MAC key (integrity mode).
+pub const LABEL_BLOCK_MAC: &[u8] = b"ear-sidecar/v1 block-mac-key";
+
+/// The keys of one backing file under one universe-key version. The AES key
+/// schedule is expanded once here and reused for every block.
+pub struct FileKeys {
+    data: Box<Aes256Enc>,
+    header_mac: SecretKey,
+    block_mac: SecretKey,
+}
+
+impl fmt::Debug for FileKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FileKeys([redacted])")
+    }
+}
+
+/// Derives the keys of file `file_id` from `universe` (one HKDF extract, one
+/// expand per purpose).
+pub fn derive_file_keys(universe: &SecretKey, file_id: &FileId) -> FileKeys {
+    let hk = Hkdf::<Sha256>::new(Some(&file_id[..]), universe.expose());
+    let expand = |label: &[u8]| {
+        let mut okm = Zeroizing::new([0u8; KEY_LEN]);
+        // 32 bytes is far below HKDF-SHA256's 255*32 limit: cannot fail.
+        hk.expand(label, &mut okm[..])
+            .expect("HKDF-SHA256 expand of 32 bytes cannot fail");
+        okm
+    };
+    let data_key = expand(LABEL_DATA);
+    let data = Box::new(Aes256Enc::new((&*data_key).into()));
+    let mut hm = expand(LABEL_HEADER_MAC);
+    let mut bm = expand(LABEL_BLOCK_MAC);
+    FileKeys {
+        data,
+        header_mac: SecretKey::take_from(&mut hm[..]).expect("32-byte key"),
+        block_mac: SecretKey::take_from(&mut bm[..]).expect("32-byte key"),
+    }
+}
+
+impl FileKeys {
+    /// The expanded AES-256 encryption key schedule for data blocks.
+    pub fn data_cipher(&self) -> &Aes256Enc {
+        &self.data
+    }
+
+    /// HMAC-SHA256 of `msg` under the header MAC key.
+    pub fn header_mac(&self, msg: &[u8]) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256>>::new_from_slice(self.header_mac.expose())
+            .expect("HMAC accepts any key length");
+        mac.update(msg);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Constant-time check of a header MAC.
+    pub fn verify_header_mac(&self, msg: &[u8], tag: &[u8]) -> bool {
+        let mut mac = <Hmac<Sha256>>::new_from_slice(self.header_mac.expose())
+            .expect("HMAC accepts any key length");
+        mac.update(msg);
+        mac.verify_slice(tag).is_ok()
+    }
+
+    /// The per-block MAC key (used by integrity mode).
+    pub fn block_mac_key(&self) -> &SecretKey {
+        &self.block_mac
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unhex(s: &str) -> Vec<u8> {
+        hex::decode(s).unwrap()
+    }
+
+    /// RFC 5869 appendix A.1 (SHA-256, basic test case).
+    #[test]
+    fn rfc5869_case_1() {
+        let ikm = unhex("0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b");
+        let salt = unhex("000102030405060708090a0b0c");
+        let info = unhex("f0f1f2f3f4f5f6f7f8f9");
+        let (prk, hk) = Hkdf::<Sha256>::extract(Some(&salt), &ikm);
+        assert_eq!(
+            hex::encode(prk),
+            "077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5"
+        );
+        let mut okm = [0u8; 42];
+        hk.expand(&info, &mut okm).unwrap();
+        assert_eq!(
+            hex::encode(okm),
+            "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
+        );
+    }
+
+    /// RFC 5869 appendix A.3 (zero-length salt and info).
+    #[test]
+    fn rfc5869_case_3() {
+        let ikm = unhex("0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b");
+        let hk = Hkdf::<Sha256>::new(None, &ikm);
+        let mut okm = [0u8; 42];
+        hk.expand(&[], &mut okm).unwrap();
+        assert_eq!(
+            hex::encode(okm),
+            "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8"
+        );
+    }
+
+    #[test]
+    fn purposes_and_files_get_distinct_keys() {
+        let mut raw = [9u8; 32];
+        let u = SecretKey::take_from(&mut raw).unwrap();
+        let a = derive_file_keys(&u, &[1u8; 16]);
+        let b = derive_file_keys(&u, &[2u8; 16]);
+        assert_ne!(a.header_mac(b"x"), b.header_mac(b"x"));
+        assert_ne!(a.header_mac.expose(), a.block_mac.expose());
+        assert!(a.verify_header_mac(b"x", &a.header_mac(b"x")));
+        assert!(!a.verify_header_mac(b"y", &a.header_mac(b"x")));
+    }
+}

@@ -1,0 +1,225 @@
+//! The in-memory key ring: universe keys by version, and a sharded LRU cache
+//! of derived per-file keys keyed by (file id, key version).
+//!
+//! The cache is split into shards, each behind its own short-held mutex, so
+//! concurrent requests on different files rarely meet on one lock (`lru`'s
+//! `get` needs `&mut self`). Wiping (fail-closed) drops every key and makes
+//! every later lookup fail until a restart.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use lru::LruCache;
+
+use super::{derive_file_keys, CryptoError, FileId, FileKeys, SecretKey};
+
+const SHARDS: usize = 16;
+
+type Shard = Mutex<LruCache<(FileId, u32), Arc<FileKeys>>>;
+
+/// Counters of the derived-key cache (read by the metrics layer).
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Lookups answered from the cache.
+    pub hits: AtomicU64,
+    /// Lookups that had to derive.
+    pub misses: AtomicU64,
+    /// Entries evicted to make room.
+    pub evictions: AtomicU64,
+    /// HKDF derivations performed.
+    pub derivations: AtomicU64,
+}
+
+/// A point-in-time view of the ring for status and metrics (no secrets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRingSnapshot {
+    /// Loaded universe-key versions.
+    pub versions: Vec<u32>,
+    /// Version used for new writes.
+    pub active: u32,
+    /// True after [`KeyRing::wipe`].
+    pub failed_closed: bool,
+}
+
+/// Universe keys plus the derived-key cache.
+pub struct KeyRing {
+    universe: RwLock<BTreeMap<u32, Arc<SecretKey>>>,
+    active: AtomicU32,
+    shards: Vec<Shard>,
+    closed: AtomicBool,
+    closed_reason: Mutex<String>,
+    stats: CacheStats,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("snapshot", &self.snapshot())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyRing {
+    /// A ring holding `keys` (version → universe key) with `active` used for
+    /// new writes, caching up to `cache_capacity` derived file keys.
+    pub fn new(
+        keys: BTreeMap<u32, SecretKey>,
+        active: u32,
+        cache_capacity: usize,
+    ) -> Result<Self, CryptoError> {
+        if !keys.contains_key(&active) {
+            return Err(CryptoError::UnknownVersion(active));
+        }
+        let per_shard = NonZeroUsize::new(cache_capacity.div_ceil(SHARDS).max(1))
+            .unwrap_or(NonZeroUsize::MIN);
+        Ok(Self {
+            universe: RwLock::new(keys.into_iter().map(|(v, k)| (v, Arc::new(k))).collect()),
+            active: AtomicU32::new(active),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(LruCache::new(per_shard)))
+                .collect(),
+            closed: AtomicBool::new(false),
+            closed_reason: Mutex::new(String::new()),
+            stats: CacheStats::default(),
+        })
+    }
+
+    /// The key version new writes use.
+    pub fn active_version(&self) -> u32 {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Cache counters.
+    pub fn stats(&self) -> &CacheStats {
+        &self.stats
+    }
+
+    /// The keys of `file` under `version`, derived on a cache miss.
+    pub fn file_keys(&self, file: &FileId, version: u32) -> Result<Arc<FileKeys>, CryptoError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
+        }
+        let shard = &self.shards[shard_of(file, version)];
+        if let Some(k) = lock(shard).get(&(*file, version)) {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Arc::clone(k));
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let universe = {
+            let map = self.universe.read().unwrap_or_else(|p| p.into_inner());
+            match map.get(&version) {
+                Some(k) => Arc::clone(k),
+                None if self.closed.load(Ordering::Acquire) => return Err(self.closed_error()),
+                None => return Err(CryptoError::UnknownVersion(version)),
+            }
+        };
+        let keys = Arc::new(derive_file_keys(&universe, file));
+        self.stats.derivations.fetch_add(1, Ordering::Relaxed);
+        let mut guard = lock(shard);
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
+        }
+        if let Some((old_key, _)) = guard.push((*file, version), Arc::clone(&keys)) {
+            if old_key != (*file, version) {
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Fail closed: drop every universe and derived key held here and refuse all
+    /// further lookups. Requests that already hold an `Arc<FileKeys>` finish;
+    /// memory is zeroized when the last holder drops it.
+    pub fn wipe(&self, reason: &str) {
+        *lock(&self.closed_reason) = reason.to_string();
+        self.closed.store(true, Ordering::Release);
+        self.universe
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        for s in &self.shards {
+            lock(s).clear();
+        }
+    }
+
+    /// True after [`KeyRing::wipe`].
+    pub fn is_failed_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Versions, active version and state; never key bytes.
+    pub fn snapshot(&self) -> KeyRingSnapshot {
+        let versions = self
+            .universe
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        KeyRingSnapshot {
+            versions,
+            active: self.active_version(),
+            failed_closed: self.is_failed_closed(),
+        }
+    }
+
+    fn closed_error(&self) -> CryptoError {
+        CryptoError::FailedClosed(lock(&self.closed_reason).clone())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding a cache lock leaves the cache consistent (LRU ops
+    // are not interrupted half-way by our code), so poisoning is ignored.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn shard_of(file: &FileId, version: u32) -> usize {
+    // File ids are uniformly random: their first bytes are a fine hash.
+    (usize::from(file[0]) ^ usize::from(file[1]).rotate_left(3) ^ version as usize) % SHARDS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(cap: usize) -> KeyRing {
+        let mut keys = BTreeMap::new();
+        keys.insert(1, SecretKey::generate().unwrap());
+        KeyRing::new(keys, 1, cap).unwrap()
+    }
+
+    #[test]
+    fn caches_and_counts() {
+        let r = ring(64);
+        let f = [5u8; 16];
+        let a = r.file_keys(&f, 1).unwrap();
+        let b = r.file_keys(&f, 1).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(r.stats().hits.load(Ordering::Relaxed), 1);
+        assert_eq!(r.stats().misses.load(Ordering::Relaxed), 1);
+        assert!(matches!(r.file_keys(&f, 2), Err(CryptoError::UnknownVersion(2))));
+    }
+
+    #[test]
+    fn evicts_under_pressure() {
+        let r = ring(16); // one entry per shard
+        for i in 0..=255u8 {
+            r.file_keys(&[i; 16], 1).unwrap();
+        }
+        assert!(r.stats().evictions.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn wipe_fails_closed() {
+        let r = ring(64);
+        r.file_keys(&[1; 16], 1).unwrap();
+        r.wipe("CMK disabled");
+        let err = r.file_keys(&[1; 16], 1).unwrap_err();
+        assert!(err.to_string().contains("CMK disabled"), "{err}");
+        assert!(r.snapshot().versions.is_empty());
+        assert!(r.snapshot().failed_closed);
+    }
+}

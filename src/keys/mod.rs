@@ -1,0 +1,102 @@
+//! Key providers and the universe-key registry.
+//!
+//! A [`KeyProvider`] wraps and unwraps universe keys under a key-encryption key
+//! it controls (a local KEK file, or a customer's AWS KMS CMK). The registry
+//! (`<data-dir>/keys.json`) stores only wrapped blobs, the provider identity and
+//! the encryption context; it is written atomically. At start-up the registry
+//! asks the provider to unwrap every version into a [`crate::crypto::KeyRing`],
+//! which lives only in memory.
+//!
+//! The store and server never see a provider: they get a `KeyRing`. That is
+//! what lets an AWS provider plug in without touching them.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+
+use crate::crypto::SecretKey;
+
+pub mod local;
+pub mod registry;
+
+/// Key/value pairs bound to a wrapped key (AWS KMS `EncryptionContext`; AAD for
+/// the local provider). Ordered so that its canonical encoding is stable.
+pub type EncryptionContext = BTreeMap<String, String>;
+
+/// A universe key as stored: ciphertext produced by the provider.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WrappedKey(pub Vec<u8>);
+
+impl std::fmt::Debug for WrappedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WrappedKey({} bytes)", self.0.len())
+    }
+}
+
+/// State of the master key as the provider reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MasterKeyState {
+    /// Usable.
+    Enabled,
+    /// The KMS itself says the key is not usable (Disabled, PendingDeletion, …):
+    /// grounds for failing closed.
+    Revoked(String),
+}
+
+/// Errors of the key layer.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The provider could not be reached or timed out (transient).
+    #[error("key provider unavailable: {0}")]
+    Unavailable(String),
+    /// The provider refused: missing permission, wrong key, invalid state.
+    #[error("key provider refused: {0}")]
+    Refused(String),
+    /// The wrapped key did not authenticate under this master key.
+    #[error("cannot unwrap the universe key: {0}")]
+    WrongKey(String),
+    /// Configuration problem (bad ARN, KEK file, provider mismatch…).
+    #[error("{0}")]
+    Config(String),
+    /// Registry file problems.
+    #[error("key registry {path}: {msg}")]
+    Registry {
+        /// Path of the registry file.
+        path: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// I/O on key files.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// Crypto layer error (random source failure…).
+    #[error(transparent)]
+    Crypto(#[from] crate::crypto::CryptoError),
+}
+
+/// A key-encryption-key provider. Implementations: [`local::LocalProvider`],
+/// and the AWS KMS provider.
+#[async_trait]
+pub trait KeyProvider: Send + Sync {
+    /// Short provider name stored in the registry (`"local"`, `"aws"`).
+    fn kind(&self) -> &'static str;
+
+    /// Identity of the master key (a KEK fingerprint, a CMK ARN). Stored in the
+    /// registry; a directory refuses to start under a different one.
+    fn master_key_id(&self) -> String;
+
+    /// Generates a new 256-bit universe key and returns it only wrapped.
+    async fn generate_wrapped(&self, ctx: &EncryptionContext) -> Result<WrappedKey, KeyError>;
+
+    /// Unwraps a stored universe key, bound to the same context.
+    async fn unwrap(&self, wrapped: &WrappedKey, ctx: &EncryptionContext)
+        -> Result<SecretKey, KeyError>;
+
+    /// Reports whether the master key is still usable (revocation check).
+    async fn master_key_state(&self) -> Result<MasterKeyState, KeyError>;
+}

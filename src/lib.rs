@@ -1,0 +1,22 @@
+//! ear-sidecar: an NBD server on a Unix socket that gives any block consumer
+//! encryption at rest under a customer-managed key.
+//!
+//! Module map (dependencies point downwards only):
+//!
+//! * [`protocol`] – NBD wire codec. Pure functions over bytes, no I/O.
+//! * [`crypto`]   – key types, HKDF derivation, AES-256-CTR block cipher,
+//!   the in-memory key ring. No I/O.
+//! * [`store`]    – the encrypted backing-file format and positional I/O on it.
+//! * [`keys`]     – key providers (local KEK file, AWS KMS) and the on-disk key
+//!   registry that holds only wrapped universe keys.
+//! * [`server`]   – Unix listener, per-connection state machine, request handlers.
+//! * [`config`]   – command line / environment / TOML configuration, loaded and
+//!   validated fully before anything binds.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod crypto;
+pub mod keys;
+pub mod protocol;
+pub mod server;
+pub mod store;

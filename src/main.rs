@@ -1,0 +1,2 @@
+//! Thin entry point (work in progress).
+fn main() {}
