@@ -1,1 +1,328 @@
-//! (work in progress)
+//! The encrypted store: a data directory of backing files, one per export,
+//! each in the versioned format of [`format`] (see `doc/FORMAT.md`).
+//!
+//! The store owns file layout, block encryption, read-modify-write, block
+//! locks, holes and durability. It takes a [`KeyRing`] (or none, for the
+//! plaintext mode) and never talks to a key provider.
+
+pub mod export;
+pub mod format;
+mod locks;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use export::{Export, IoStats};
+
+use crate::crypto::{CryptoError, KeyRing};
+
+/// Errors of the store layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An I/O error on a backing file.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A header that does not decode or authenticate.
+    #[error("backing file {path}: {why}")]
+    BadHeader {
+        /// The file.
+        path: String,
+        /// Why it was refused.
+        why: String,
+    },
+    /// A block whose stored form does not match its entry.
+    #[error("export {export}: block {block} is unreadable: {why}")]
+    Corrupt {
+        /// Export name.
+        export: String,
+        /// Block index.
+        block: u64,
+        /// What failed.
+        why: String,
+    },
+    /// A request outside the export.
+    #[error("range {offset}+{len} is outside the export of {size} bytes")]
+    OutOfRange {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Export size.
+        size: u64,
+    },
+    /// A configured size below the existing one.
+    #[error("export {export} has {have} bytes; refusing to shrink it to {want} (exports can only grow)")]
+    Shrink {
+        /// Export name.
+        export: String,
+        /// Current size.
+        have: u64,
+        /// Requested size.
+        want: u64,
+    },
+    /// Invalid export configuration.
+    #[error("{0}")]
+    Config(String),
+    /// Key unavailable (unknown version, failed closed, RNG failure).
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+impl StoreError {
+    /// The NBD errno a client should see for this error.
+    pub fn errno(&self) -> u32 {
+        const EIO: u32 = 5;
+        const EINVAL: u32 = 22;
+        const ENOSPC: u32 = 28;
+        match self {
+            StoreError::Io { source, .. } => match source.raw_os_error() {
+                Some(28) | Some(122) => ENOSPC, // ENOSPC, EDQUOT
+                Some(27) => ENOSPC,             // EFBIG (file size limit)
+                _ => EIO,
+            },
+            StoreError::OutOfRange { .. } => EINVAL,
+            _ => EIO,
+        }
+    }
+
+    /// A short, bounded label for metrics (`io`, `corrupt`, `nospace`, …).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Io { .. } if self.errno() == 28 => "nospace",
+            StoreError::Io { .. } => "io",
+            StoreError::BadHeader { .. } => "bad_header",
+            StoreError::Corrupt { .. } => "corrupt",
+            StoreError::OutOfRange { .. } => "range",
+            StoreError::Shrink { .. } | StoreError::Config(_) => "config",
+            StoreError::Crypto(CryptoError::FailedClosed(_)) => "failed_closed",
+            StoreError::Crypto(_) => "key",
+        }
+    }
+}
+
+/// A requested export: created when missing, grown when larger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSpec {
+    /// Name (already validated).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// File name suffix of backing files.
+pub const SUFFIX: &str = ".ear";
+
+/// Directory of backing files inside the data directory.
+pub fn exports_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("exports")
+}
+
+/// True for names we accept for exports: `[A-Za-z0-9._-]`, no leading dot, 1..=64 bytes.
+pub fn valid_export_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= format::NAME_MAX
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'_' || c == b'-')
+}
+
+/// Names of backing files present in `data_dir` (validated names only).
+pub fn existing_exports(data_dir: &Path) -> Result<Vec<String>, StoreError> {
+    let dir = exports_dir(data_dir);
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(source) => {
+            return Err(StoreError::Io {
+                what: format!("list {}", dir.display()),
+                source,
+            })
+        }
+    };
+    let mut names = vec![];
+    for ent in rd {
+        let ent = ent.map_err(|source| StoreError::Io {
+            what: format!("list {}", dir.display()),
+            source,
+        })?;
+        let fname = ent.file_name();
+        let Some(fname) = fname.to_str() else { continue };
+        if let Some(name) = fname.strip_suffix(SUFFIX) {
+            if valid_export_name(name) {
+                names.push(name.to_string());
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// All open exports of a data directory.
+#[derive(Debug)]
+pub struct Store {
+    exports: BTreeMap<String, Arc<Export>>,
+}
+
+impl Store {
+    /// Opens every backing file in `data_dir`, creating or growing those in
+    /// `specs`. `keys` is `None` for a plaintext directory.
+    pub fn open(
+        data_dir: &Path,
+        dir_id: [u8; 16],
+        keys: Option<Arc<KeyRing>>,
+        specs: &[ExportSpec],
+    ) -> Result<Store, StoreError> {
+        let dir = exports_dir(data_dir);
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|source| StoreError::Io {
+                    what: format!("create {}", dir.display()),
+                    source,
+                })?;
+        }
+        let mut exports = BTreeMap::new();
+        for name in existing_exports(data_dir)? {
+            let path = dir.join(format!("{name}{SUFFIX}"));
+            let e = Export::open(&path, &name, dir_id, keys.clone())?;
+            exports.insert(name, e);
+        }
+        for spec in specs {
+            if !valid_export_name(&spec.name) {
+                return Err(StoreError::Config(format!(
+                    "invalid export name {:?}: use 1-64 of [A-Za-z0-9._-], not starting with '.'",
+                    spec.name
+                )));
+            }
+            if spec.size == 0 || spec.size > format::MAX_EXPORT_SIZE {
+                return Err(StoreError::Config(format!(
+                    "export {}: size {} is outside 1..={}",
+                    spec.name,
+                    spec.size,
+                    format::MAX_EXPORT_SIZE
+                )));
+            }
+            match exports.get_mut(&spec.name) {
+                Some(e) => {
+                    if spec.size > e.size() {
+                        tracing::info!(export = %spec.name, from = e.size(), to = spec.size, "growing export");
+                    }
+                    e.grow(spec.size)?
+                }
+                None => {
+                    let path = dir.join(format!("{}{SUFFIX}", spec.name));
+                    tracing::info!(export = %spec.name, size = spec.size, "creating export");
+                    let e = Export::create(&path, &spec.name, spec.size, dir_id, keys.clone())?;
+                    exports.insert(spec.name.clone(), e);
+                }
+            }
+        }
+        Ok(Store {
+            exports: exports
+                .into_iter()
+                .map(|(k, v)| (k, Arc::new(v)))
+                .collect(),
+        })
+    }
+
+    /// The export called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Export>> {
+        self.exports.get(name)
+    }
+
+    /// The export the empty name selects: `default`, or the only export.
+    pub fn default_export(&self) -> Option<&Arc<Export>> {
+        self.exports.get("default").or_else(|| {
+            if self.exports.len() == 1 {
+                self.exports.values().next()
+            } else {
+                None
+            }
+        })
+    }
+
+    /// All exports, by name.
+    pub fn exports(&self) -> impl Iterator<Item = &Arc<Export>> {
+        self.exports.values()
+    }
+
+    /// Durably flushes every export (shutdown).
+    pub fn flush_all(&self) -> Result<(), StoreError> {
+        for e in self.exports.values() {
+            e.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// What `status` shows about a backing file, read without keys (unverified).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExportInfo {
+    /// Export name.
+    pub name: String,
+    /// Size in bytes per the header.
+    pub size: u64,
+    /// Cipher recorded in the header.
+    pub algorithm: String,
+    /// Header key version.
+    pub header_key_version: u32,
+    /// Bytes allocated on disk.
+    pub allocated_bytes: u64,
+    /// Problem decoding the header, if any.
+    pub error: Option<String>,
+}
+
+/// Reads export headers for `status` without keys (the MAC is not checked).
+pub fn inspect(data_dir: &Path) -> Result<Vec<ExportInfo>, StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = vec![];
+    for name in existing_exports(data_dir)? {
+        let path = exports_dir(data_dir).join(format!("{name}{SUFFIX}"));
+        let mut info = ExportInfo {
+            name: name.clone(),
+            size: 0,
+            algorithm: String::new(),
+            header_key_version: 0,
+            allocated_bytes: 0,
+            error: None,
+        };
+        match (|| -> std::io::Result<(u64, [u8; format::HEADER_BODY])> {
+            let f = std::fs::File::open(&path)?;
+            let md = f.metadata()?;
+            let mut body = [0u8; format::HEADER_BODY];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut body, 0)?;
+            Ok((md.blocks() * 512, body))
+        })() {
+            Err(e) => info.error = Some(e.to_string()),
+            Ok((alloc, body)) => {
+                info.allocated_bytes = alloc;
+                match format::Header::decode_body(&body) {
+                    Ok(h) => {
+                        info.size = h.size;
+                        info.algorithm = match h.algorithm {
+                            format::Algorithm::None => "none".into(),
+                            format::Algorithm::Aes256CtrR96 => "aes-256-ctr-r96".into(),
+                        };
+                        info.header_key_version = h.header_key_version;
+                    }
+                    Err(e) => info.error = Some(e.to_string()),
+                }
+            }
+        }
+        out.push(info);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;
