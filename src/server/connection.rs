@@ -1,0 +1,384 @@
+//! One client connection: fixed-newstyle negotiation, then the transmission
+//! phase with pipelined requests completing out of order.
+//!
+//! The connection owns its buffers. A reader loop parses requests and reads
+//! write payloads; each request runs on the blocking pool and hands its
+//! complete reply to a writer task through a channel. In-flight requests are
+//! bounded per connection (count) and server-wide (payload bytes), so a client
+//! cannot make the server buffer without limit.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use super::handler::{self, ReplyMode};
+use super::Shared;
+use crate::protocol::{self, consts::*, ClientOption, ExportLimits, ProtocolError, RequestKind};
+use crate::store::Export;
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// Socket error.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// Negotiation took too long.
+    #[error("negotiation timed out")]
+    HandshakeTimeout,
+    /// NBD_OPT_EXPORT_NAME for an export we do not have (cannot be answered
+    /// with an error, so the connection is closed).
+    #[error("client asked for unknown export {0:?}")]
+    UnknownExport(String),
+    /// An option payload larger than we accept.
+    #[error("option payload of {0} bytes is too large")]
+    OptionTooLarge(u32),
+}
+
+type Reader = BufReader<OwnedReadHalf>;
+type Writer = BufWriter<OwnedWriteHalf>;
+
+enum Negotiated {
+    Abort,
+    Go {
+        export: Arc<Export>,
+        mode: ReplyMode,
+    },
+}
+
+/// Runs one connection to completion.
+pub async fn serve(
+    stream: UnixStream,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(64 << 10, rd);
+    let mut wr = BufWriter::with_capacity(64 << 10, wr);
+    let neg = tokio::select! {
+        r = tokio::time::timeout(shared.config.handshake_timeout, negotiate(&mut rd, &mut wr, &shared)) => {
+            r.map_err(|_| ConnError::HandshakeTimeout)??
+        }
+        _ = stop.changed() => return Ok(()),
+    };
+    match neg {
+        Negotiated::Abort => Ok(()),
+        Negotiated::Go { export, mode } => transmission(rd, wr, shared, export, mode, stop).await,
+    }
+}
+
+fn transmission_flags(structured: bool) -> u16 {
+    let mut f = NBD_FLAG_HAS_FLAGS
+        | NBD_FLAG_SEND_FLUSH
+        | NBD_FLAG_SEND_FUA
+        | NBD_FLAG_SEND_TRIM
+        | NBD_FLAG_SEND_WRITE_ZEROES
+        | NBD_FLAG_SEND_FAST_ZERO
+        | NBD_FLAG_SEND_CACHE
+        // FLUSH fdatasyncs the backing file every connection shares, so it
+        // covers writes completed on any connection: multi-conn is safe.
+        | NBD_FLAG_CAN_MULTI_CONN;
+    if structured {
+        f |= NBD_FLAG_SEND_DF;
+    }
+    f
+}
+
+fn resolve(shared: &Shared, name: &str) -> Option<Arc<Export>> {
+    if name.is_empty() {
+        return shared.store.default_export().cloned();
+    }
+    let name = protocol::ExportName::parse(name).ok()?;
+    shared.store.get(name.as_str()).cloned()
+}
+
+async fn negotiate(
+    rd: &mut Reader,
+    wr: &mut Writer,
+    shared: &Shared,
+) -> Result<Negotiated, ConnError> {
+    let mut out = BytesMut::with_capacity(256);
+    protocol::encode_greeting(&mut out);
+    wr.write_all(&out).await?;
+    wr.flush().await?;
+    let mut cf = [0u8; 4];
+    rd.read_exact(&mut cf).await?;
+    let client = protocol::parse_client_flags(cf)?;
+    let mut structured = false;
+    // (export name, context id) chosen by SET_META_CONTEXT.
+    let mut meta: Option<(String, Option<u32>)> = None;
+    let max = shared.config.max_request;
+    loop {
+        let mut hdr = [0u8; 16];
+        rd.read_exact(&mut hdr).await?;
+        let h = protocol::parse_option_header(&hdr)?;
+        if h.is_oversized() {
+            return Err(ConnError::OptionTooLarge(h.length));
+        }
+        let mut data = vec![0u8; h.length as usize];
+        rd.read_exact(&mut data).await?;
+        out.clear();
+        match protocol::parse_option(h, &data) {
+            Err(e) => protocol::encode_rep_error(&mut out, h.option, e.reply_type(), &e.to_string()),
+            Ok(ClientOption::ExportName(name)) => {
+                let Some(export) = resolve(shared, &name) else {
+                    return Err(ConnError::UnknownExport(name));
+                };
+                protocol::encode_export_name_reply(
+                    &mut out,
+                    export.size(),
+                    transmission_flags(structured),
+                    client.no_zeroes,
+                );
+                wr.write_all(&out).await?;
+                wr.flush().await?;
+                let base_allocation = context_for(&meta, &export, structured);
+                return Ok(Negotiated::Go {
+                    export,
+                    mode: ReplyMode {
+                        structured,
+                        base_allocation,
+                    },
+                });
+            }
+            Ok(ClientOption::Abort) => {
+                protocol::encode_rep_ack(&mut out, NBD_OPT_ABORT);
+                // The client may already have closed; ignore errors.
+                let _ = wr.write_all(&out).await;
+                let _ = wr.flush().await;
+                return Ok(Negotiated::Abort);
+            }
+            Ok(ClientOption::List) => {
+                for e in shared.store.exports() {
+                    protocol::encode_rep_server(&mut out, e.name());
+                }
+                protocol::encode_rep_ack(&mut out, NBD_OPT_LIST);
+            }
+            Ok(ClientOption::Info(req)) | Ok(ClientOption::Go(req)) => {
+                let go = h.option == NBD_OPT_GO;
+                match resolve(shared, &req.name) {
+                    None => protocol::encode_rep_error(
+                        &mut out,
+                        h.option,
+                        NBD_REP_ERR_UNKNOWN,
+                        &format!("no export named {:?}", req.name),
+                    ),
+                    Some(export) => {
+                        protocol::encode_info_export(
+                            &mut out,
+                            h.option,
+                            export.size(),
+                            transmission_flags(structured),
+                        );
+                        protocol::encode_info_block_size(&mut out, h.option, 1, 4096, max);
+                        if req.info_types.contains(&NBD_INFO_NAME) {
+                            protocol::encode_info_name(&mut out, h.option, export.name());
+                        }
+                        if req.info_types.contains(&NBD_INFO_DESCRIPTION) {
+                            let d = if export.encrypted() {
+                                "ear-sidecar export (AES-256-CTR at rest)"
+                            } else {
+                                "ear-sidecar export (unencrypted)"
+                            };
+                            protocol::encode_info_description(&mut out, h.option, d);
+                        }
+                        protocol::encode_rep_ack(&mut out, h.option);
+                        if go {
+                            wr.write_all(&out).await?;
+                            wr.flush().await?;
+                            let base_allocation = context_for(&meta, &export, structured);
+                            return Ok(Negotiated::Go {
+                                export,
+                                mode: ReplyMode {
+                                    structured,
+                                    base_allocation,
+                                },
+                            });
+                        }
+                    }
+                }
+            }
+            Ok(ClientOption::StructuredReply) => {
+                if structured {
+                    protocol::encode_rep_error(
+                        &mut out,
+                        h.option,
+                        NBD_REP_ERR_INVALID,
+                        "structured replies already negotiated",
+                    );
+                } else {
+                    structured = true;
+                    protocol::encode_rep_ack(&mut out, h.option);
+                }
+            }
+            Ok(ClientOption::SetMetaContext(req)) | Ok(ClientOption::ListMetaContext(req)) => {
+                let set = h.option == NBD_OPT_SET_META_CONTEXT;
+                if !structured {
+                    protocol::encode_rep_error(
+                        &mut out,
+                        h.option,
+                        NBD_REP_ERR_INVALID,
+                        "negotiate structured replies first",
+                    );
+                } else if let Some(export) = resolve(shared, &req.export) {
+                    let wanted = |q: &str| {
+                        q == BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()))
+                    };
+                    let hit = if set {
+                        req.queries.iter().any(|q| q == BASE_ALLOCATION)
+                    } else {
+                        req.queries.is_empty() || req.queries.iter().any(|q| wanted(q))
+                    };
+                    if hit {
+                        protocol::encode_rep_meta_context(
+                            &mut out,
+                            h.option,
+                            if set { 1 } else { 0 },
+                            BASE_ALLOCATION,
+                        );
+                    }
+                    if set {
+                        meta = Some((export.name().to_string(), hit.then_some(1)));
+                    }
+                    protocol::encode_rep_ack(&mut out, h.option);
+                } else {
+                    protocol::encode_rep_error(
+                        &mut out,
+                        h.option,
+                        NBD_REP_ERR_UNKNOWN,
+                        &format!("no export named {:?}", req.export),
+                    );
+                }
+            }
+            Ok(ClientOption::Unknown(opt)) => protocol::encode_rep_error(
+                &mut out,
+                opt,
+                NBD_REP_ERR_UNSUP,
+                "option not supported by ear-sidecar",
+            ),
+        }
+        wr.write_all(&out).await?;
+        wr.flush().await?;
+    }
+}
+
+fn context_for(meta: &Option<(String, Option<u32>)>, export: &Export, structured: bool) -> Option<u32> {
+    match meta {
+        Some((name, id)) if structured && name == export.name() => *id,
+        _ => None,
+    }
+}
+
+/// Reads and drops `n` payload bytes (a refused write) without buffering them.
+async fn discard(rd: &mut Reader, mut n: u64) -> std::io::Result<()> {
+    let mut scratch = [0u8; 8192];
+    while n > 0 {
+        let k = (n as usize).min(scratch.len());
+        rd.read_exact(&mut scratch[..k]).await?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+async fn write_replies(mut wr: Writer, mut rx: mpsc::UnboundedReceiver<Bytes>) -> std::io::Result<()> {
+    while let Some(b) = rx.recv().await {
+        wr.write_all(&b).await?;
+        // Coalesce replies that are already waiting into one flush.
+        while let Ok(b) = rx.try_recv() {
+            wr.write_all(&b).await?;
+        }
+        wr.flush().await?;
+    }
+    Ok(())
+}
+
+async fn transmission(
+    mut rd: Reader,
+    wr: Writer,
+    shared: Arc<Shared>,
+    export: Arc<Export>,
+    mode: ReplyMode,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    let writer = tokio::spawn(write_replies(wr, rx));
+    let per_conn = Arc::new(Semaphore::new(shared.config.max_inflight));
+    let limits = ExportLimits {
+        size: export.size(),
+        max_request: shared.config.max_request,
+        structured: mode.structured,
+    };
+    let result: Result<(), ConnError> = async {
+        loop {
+            let mut hdr = [0u8; REQUEST_HEADER_LEN];
+            tokio::select! {
+                biased;
+                _ = stop.changed() => return Ok(()),
+                r = rd.read_exact(&mut hdr) => match r {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                },
+            }
+            let raw = protocol::parse_request_header(&hdr)?;
+            let req = match raw.validate(&limits) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "refusing request");
+                    discard(&mut rd, u64::from(e.discard)).await?;
+                    let mut b = BytesMut::new();
+                    e.encode_reply(&mut b, mode.structured);
+                    let _ = tx.send(b.freeze());
+                    continue;
+                }
+            };
+            if let RequestKind::Disconnect = req.kind {
+                return Ok(());
+            }
+            let bytes = match req.kind {
+                RequestKind::Read { len, .. } | RequestKind::Write { len, .. } => len.max(1),
+                _ => 1,
+            };
+            let slot = Arc::clone(&per_conn)
+                .acquire_owned()
+                .await
+                .map_err(|_| std::io::Error::other("semaphore closed"))?;
+            let budget = Arc::clone(&shared.inflight_bytes)
+                .acquire_many_owned(bytes)
+                .await
+                .map_err(|_| std::io::Error::other("semaphore closed"))?;
+            let payload = if let RequestKind::Write { len, .. } = req.kind {
+                let mut p = vec![0u8; len as usize];
+                rd.read_exact(&mut p).await?;
+                Some(p)
+            } else {
+                None
+            };
+            let export = Arc::clone(&export);
+            let tx = tx.clone();
+            let shared2 = Arc::clone(&shared);
+            tokio::task::spawn_blocking(move || {
+                let (reply, done) = handler::execute(&export, req.cookie, req.kind, payload, mode);
+                let _ = tx.send(reply);
+                crate::server::observe(&shared2, &export, &done);
+                drop((slot, budget));
+            });
+        }
+    }
+    .await;
+    drop(tx);
+    // Every in-flight request holds a sender: the writer finishes once they
+    // have all replied.
+    match writer.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if result.is_ok() => return Err(e.into()),
+        _ => {}
+    }
+    result
+}
