@@ -72,8 +72,8 @@ impl KeyRing {
         if !keys.contains_key(&active) {
             return Err(CryptoError::UnknownVersion(active));
         }
-        let per_shard = NonZeroUsize::new(cache_capacity.div_ceil(SHARDS).max(1))
-            .unwrap_or(NonZeroUsize::MIN);
+        let per_shard =
+            NonZeroUsize::new(cache_capacity.div_ceil(SHARDS).max(1)).unwrap_or(NonZeroUsize::MIN);
         Ok(Self {
             universe: RwLock::new(keys.into_iter().map(|(v, k)| (v, Arc::new(k))).collect()),
             active: AtomicU32::new(active),
@@ -200,7 +200,10 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(r.stats().hits.load(Ordering::Relaxed), 1);
         assert_eq!(r.stats().misses.load(Ordering::Relaxed), 1);
-        assert!(matches!(r.file_keys(&f, 2), Err(CryptoError::UnknownVersion(2))));
+        assert!(matches!(
+            r.file_keys(&f, 2),
+            Err(CryptoError::UnknownVersion(2))
+        ));
     }
 
     #[test]

@@ -16,8 +16,11 @@ use async_trait::async_trait;
 
 use crate::crypto::SecretKey;
 
+pub mod aws;
 pub mod local;
+pub mod memory;
 pub mod registry;
+pub mod revocation;
 
 /// Key/value pairs bound to a wrapped key (AWS KMS `EncryptionContext`; AAD for
 /// the local provider). Ordered so that its canonical encoding is stable.
@@ -94,8 +97,11 @@ pub trait KeyProvider: Send + Sync {
     async fn generate_wrapped(&self, ctx: &EncryptionContext) -> Result<WrappedKey, KeyError>;
 
     /// Unwraps a stored universe key, bound to the same context.
-    async fn unwrap(&self, wrapped: &WrappedKey, ctx: &EncryptionContext)
-        -> Result<SecretKey, KeyError>;
+    async fn unwrap(
+        &self,
+        wrapped: &WrappedKey,
+        ctx: &EncryptionContext,
+    ) -> Result<SecretKey, KeyError>;
 
     /// Reports whether the master key is still usable (revocation check).
     async fn master_key_state(&self) -> Result<MasterKeyState, KeyError>;

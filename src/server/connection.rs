@@ -125,7 +125,9 @@ async fn negotiate(
         rd.read_exact(&mut data).await?;
         out.clear();
         match protocol::parse_option(h, &data) {
-            Err(e) => protocol::encode_rep_error(&mut out, h.option, e.reply_type(), &e.to_string()),
+            Err(e) => {
+                protocol::encode_rep_error(&mut out, h.option, e.reply_type(), &e.to_string())
+            }
             Ok(ClientOption::ExportName(name)) => {
                 let Some(export) = resolve(shared, &name) else {
                     return Err(ConnError::UnknownExport(name));
@@ -227,9 +229,8 @@ async fn negotiate(
                         "negotiate structured replies first",
                     );
                 } else if let Some(export) = resolve(shared, &req.export) {
-                    let wanted = |q: &str| {
-                        q == BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()))
-                    };
+                    let wanted =
+                        |q: &str| q == BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()));
                     let hit = if set {
                         req.queries.iter().any(|q| q == BASE_ALLOCATION)
                     } else {
@@ -268,7 +269,11 @@ async fn negotiate(
     }
 }
 
-fn context_for(meta: &Option<(String, Option<u32>)>, export: &Export, structured: bool) -> Option<u32> {
+fn context_for(
+    meta: &Option<(String, Option<u32>)>,
+    export: &Export,
+    structured: bool,
+) -> Option<u32> {
     match meta {
         Some((name, id)) if structured && name == export.name() => *id,
         _ => None,
@@ -286,7 +291,10 @@ async fn discard(rd: &mut Reader, mut n: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn write_replies(mut wr: Writer, mut rx: mpsc::UnboundedReceiver<Bytes>) -> std::io::Result<()> {
+async fn write_replies(
+    mut wr: Writer,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+) -> std::io::Result<()> {
     while let Some(b) = rx.recv().await {
         wr.write_all(&b).await?;
         // Coalesce replies that are already waiting into one flush.

@@ -189,7 +189,9 @@ fn finish(
 
 fn log_error(op: Op, e: &StoreError) {
     match e {
-        StoreError::OutOfRange { .. } => tracing::debug!(op = op.as_str(), error = %e, "request refused"),
+        StoreError::OutOfRange { .. } => {
+            tracing::debug!(op = op.as_str(), error = %e, "request refused")
+        }
         _ => tracing::warn!(op = op.as_str(), error = %e, "request failed"),
     }
 }
@@ -226,7 +228,10 @@ fn read(
             if mode.structured {
                 // Cannot fail: len + 8 fits in u32 (len <= max request).
                 if protocol::encode_offset_data_header(&mut h, cookie, offset, len, true).is_err() {
-                    return (error_reply(cookie, &StoreError::Config("reply too large".into()), mode), res);
+                    return (
+                        error_reply(cookie, &StoreError::Config("reply too large".into()), mode),
+                        res,
+                    );
                 }
             } else {
                 protocol::encode_simple_reply(&mut h, cookie, 0);
@@ -248,7 +253,13 @@ fn block_status(
 ) -> (Bytes, Result<IoStats, StoreError>) {
     let Some(ctx) = mode.base_allocation else {
         let mut b = BytesMut::new();
-        protocol::encode_error_reply(&mut b, cookie, NBD_EINVAL, "no metadata context selected", mode.structured);
+        protocol::encode_error_reply(
+            &mut b,
+            cookie,
+            NBD_EINVAL,
+            "no metadata context selected",
+            mode.structured,
+        );
         return (b.freeze(), Ok(IoStats::default()));
     };
     let t = Instant::now();
@@ -260,7 +271,14 @@ fn block_status(
                 .map(|(l, hole)| {
                     // l <= len (u32) by construction.
                     let l = u32::try_from(l).unwrap_or(u32::MAX);
-                    (l, if hole { NBD_STATE_HOLE | NBD_STATE_ZERO } else { 0 })
+                    (
+                        l,
+                        if hole {
+                            NBD_STATE_HOLE | NBD_STATE_ZERO
+                        } else {
+                            0
+                        },
+                    )
                 })
                 .collect();
             if req_one {

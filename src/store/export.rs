@@ -173,7 +173,8 @@ impl Export {
                 .open(&tmp)
                 .map_err(io("create"))?
         };
-        file.write_all_at(&slot, 0).map_err(io("write header A of"))?;
+        file.write_all_at(&slot, 0)
+            .map_err(io("write header A of"))?;
         file.write_all_at(&slot, HEADER_SLOT)
             .map_err(io("write header B of"))?;
         file.set_len(format::file_len_for(size))
@@ -485,15 +486,17 @@ impl Export {
             let end = offset + data.len() as u64;
             let (first, last) = (offset / BLOCK_SIZE_U64, (end - 1) / BLOCK_SIZE_U64);
             let _g = self.locks.lock(first, last);
-            if offset % BLOCK_SIZE_U64 == 0 && end % BLOCK_SIZE_U64 == 0 {
+            if offset.is_multiple_of(BLOCK_SIZE_U64) && end.is_multiple_of(BLOCK_SIZE_U64) {
                 self.write_blocks(first, data, &mut st)?;
             } else {
                 let mut buf = vec![0u8; ((last - first + 1) as usize) * BLOCK_SIZE];
                 let lb = buf.len() - BLOCK_SIZE;
-                if offset % BLOCK_SIZE_U64 != 0 {
+                if !offset.is_multiple_of(BLOCK_SIZE_U64) {
                     self.read_segment(first, first, &mut buf[..BLOCK_SIZE], true, &mut st)?;
                 }
-                if end % BLOCK_SIZE_U64 != 0 && (last != first || offset % BLOCK_SIZE_U64 == 0) {
+                if !end.is_multiple_of(BLOCK_SIZE_U64)
+                    && (last != first || offset.is_multiple_of(BLOCK_SIZE_U64))
+                {
                     self.read_segment(last, last, &mut buf[lb..], true, &mut st)?;
                 }
                 let at = (offset - first * BLOCK_SIZE_U64) as usize;
@@ -624,7 +627,11 @@ impl Export {
                 // Entries first: once they are zero the data is unreferenced,
                 // so deallocating it is safe whatever happens next.
                 timed(&mut st.storage, || {
-                    punch_hole(&self.file, format::data_offset(b), n as u64 * BLOCK_SIZE_U64)
+                    punch_hole(
+                        &self.file,
+                        format::data_offset(b),
+                        n as u64 * BLOCK_SIZE_U64,
+                    )
                 });
             }
             b = seg_end;

@@ -57,7 +57,9 @@ pub enum StoreError {
         size: u64,
     },
     /// A configured size below the existing one.
-    #[error("export {export} has {have} bytes; refusing to shrink it to {want} (exports can only grow)")]
+    #[error(
+        "export {export} has {have} bytes; refusing to shrink it to {want} (exports can only grow)"
+    )]
     Shrink {
         /// Export name.
         export: String,
@@ -153,7 +155,9 @@ pub fn existing_exports(data_dir: &Path) -> Result<Vec<String>, StoreError> {
             source,
         })?;
         let fname = ent.file_name();
-        let Some(fname) = fname.to_str() else { continue };
+        let Some(fname) = fname.to_str() else {
+            continue;
+        };
         if let Some(name) = fname.strip_suffix(SUFFIX) {
             if valid_export_name(name) {
                 names.push(name.to_string());
@@ -228,10 +232,7 @@ impl Store {
             }
         }
         Ok(Store {
-            exports: exports
-                .into_iter()
-                .map(|(k, v)| (k, Arc::new(v)))
-                .collect(),
+            exports: exports.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
         })
     }
 

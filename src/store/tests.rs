@@ -84,7 +84,10 @@ fn survives_reopen_and_rejects_wrong_key() {
     let d = tempfile::tempdir().unwrap();
     {
         let s = open(d.path(), Some(ring_with([3; 32])), 1 << 20);
-        s.get("t").unwrap().write(4096, &mut vec![7u8; 4096], true).unwrap();
+        s.get("t")
+            .unwrap()
+            .write(4096, &mut vec![7u8; 4096], true)
+            .unwrap();
     }
     let s = Store::open(d.path(), DIR_ID, Some(ring_with([3; 32])), &[]).unwrap();
     let mut out = vec![0u8; 4096];
@@ -105,7 +108,13 @@ fn grows_but_never_shrinks() {
     let s = open(d.path(), Some(ring_with([5; 32])), 4 << 20);
     assert_eq!(s.get("t").unwrap().size(), 4 << 20);
     drop(s);
-    let err = Store::open(d.path(), DIR_ID, Some(ring_with([5; 32])), &[spec("t", 1 << 20)]).unwrap_err();
+    let err = Store::open(
+        d.path(),
+        DIR_ID,
+        Some(ring_with([5; 32])),
+        &[spec("t", 1 << 20)],
+    )
+    .unwrap_err();
     assert!(matches!(err, StoreError::Shrink { .. }), "{err}");
     let s = Store::open(d.path(), DIR_ID, Some(ring_with([5; 32])), &[]).unwrap();
     assert_eq!(s.get("t").unwrap().size(), 4 << 20);
@@ -138,8 +147,12 @@ fn torn_block_is_detected_not_returned() {
     let s = open(d.path(), Some(ring_with([7; 32])), 1 << 20);
     let e = s.get("t").unwrap();
     e.write(0, &mut vec![1u8; 8192], true).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(e.path()).unwrap();
-    f.write_all_at(&[0u8; 100], format::data_offset(1) + 2000).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(e.path())
+        .unwrap();
+    f.write_all_at(&[0u8; 100], format::data_offset(1) + 2000)
+        .unwrap();
     let mut out = vec![0u8; 4096];
     e.read(0, &mut out).unwrap();
     let err = e.read(4096, &mut out).unwrap_err();
