@@ -197,6 +197,8 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         ..ServerConfig::default()
     };
     let health = Arc::new(Health::default());
+    // [metrics: start] the metrics/health HTTP listener starts here (before
+    // bind, so /livez answers while starting; /readyz waits for `ready`).
     let listener = server::bind(&cfg.socket, cfg.socket_mode)?;
     let shared = Shared::new(Arc::clone(&store), keys, server_cfg, Arc::clone(&health));
     health
