@@ -4,6 +4,8 @@ use std::fmt;
 
 use aes::cipher::KeyInit;
 use aes::Aes256Enc;
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::Aes256Gcm;
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -23,8 +25,11 @@ pub const LABEL_BLOCK_MAC: &[u8] = b"ear-sidecar/v1 block-mac-key";
 pub struct FileKeys {
     data: Box<Aes256Enc>,
     header_mac: SecretKey,
-    block_mac: SecretKey,
+    block_mac: Box<Aes256Gcm>,
 }
+
+/// Length of a per-block authentication tag.
+pub const BLOCK_TAG_LEN: usize = 16;
 
 impl fmt::Debug for FileKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -46,11 +51,11 @@ pub fn derive_file_keys(universe: &SecretKey, file_id: &FileId) -> FileKeys {
     let data_key = expand(LABEL_DATA);
     let data = Box::new(Aes256Enc::new((&*data_key).into()));
     let mut hm = expand(LABEL_HEADER_MAC);
-    let mut bm = expand(LABEL_BLOCK_MAC);
+    let bm = expand(LABEL_BLOCK_MAC);
     FileKeys {
         data,
         header_mac: SecretKey::take_from(&mut hm[..]).expect("32-byte key"),
-        block_mac: SecretKey::take_from(&mut bm[..]).expect("32-byte key"),
+        block_mac: Box::new(Aes256Gcm::new((&*bm).into())),
     }
 }
 
@@ -76,9 +81,46 @@ impl FileKeys {
         mac.verify_slice(tag).is_ok()
     }
 
-    /// The per-block MAC key (used by integrity mode).
-    pub fn block_mac_key(&self) -> &SecretKey {
-        &self.block_mac
+    /// Per-block authentication tag (integrity mode): AES-256-GMAC (GCM with
+    /// an empty plaintext, NIST SP 800-38D) under the block-MAC key, with the
+    /// block's 96-bit nonce as IV and, as AAD,
+    /// `file_id(16) || be64(block index) || be32(key version) || stored block`.
+    /// The block-MAC key is independent of the data key, and the nonce is
+    /// fresh per write, so this is a nonce-based Carter-Wegman MAC binding the
+    /// ciphertext to its file, position and key version.
+    pub fn block_tag(
+        &self,
+        nonce: &[u8; 12],
+        file_id: &super::FileId,
+        block: u64,
+        key_version: u32,
+        stored: &[u8],
+    ) -> [u8; BLOCK_TAG_LEN] {
+        let mut aad = Vec::with_capacity(28 + stored.len());
+        aad.extend_from_slice(file_id);
+        aad.extend_from_slice(&block.to_be_bytes());
+        aad.extend_from_slice(&key_version.to_be_bytes());
+        aad.extend_from_slice(stored);
+        let tag = self
+            .block_mac
+            .encrypt_in_place_detached(nonce.into(), &aad, &mut [])
+            .expect("GMAC over < 64 GiB of AAD cannot fail");
+        tag.into()
+    }
+
+    /// Constant-time check of a block tag.
+    pub fn verify_block_tag(
+        &self,
+        tag: &[u8],
+        nonce: &[u8; 12],
+        file_id: &super::FileId,
+        block: u64,
+        key_version: u32,
+        stored: &[u8],
+    ) -> bool {
+        use subtle::ConstantTimeEq;
+        let want = self.block_tag(nonce, file_id, block, key_version, stored);
+        tag.len() == BLOCK_TAG_LEN && bool::from(want.ct_eq(tag))
     }
 }
 
@@ -129,7 +171,14 @@ mod tests {
         let a = derive_file_keys(&u, &[1u8; 16]);
         let b = derive_file_keys(&u, &[2u8; 16]);
         assert_ne!(a.header_mac(b"x"), b.header_mac(b"x"));
-        assert_ne!(a.header_mac.expose(), a.block_mac.expose());
+        let t = a.block_tag(&[1; 12], &[1; 16], 5, 1, b"data");
+        assert!(a.verify_block_tag(&t, &[1; 12], &[1; 16], 5, 1, b"data"));
+        assert!(!a.verify_block_tag(&t, &[1; 12], &[1; 16], 6, 1, b"data"));
+        assert!(!a.verify_block_tag(&t, &[1; 12], &[2; 16], 5, 1, b"data"));
+        assert!(!a.verify_block_tag(&t, &[1; 12], &[1; 16], 5, 2, b"data"));
+        assert!(!a.verify_block_tag(&t, &[2; 12], &[1; 16], 5, 1, b"data"));
+        assert!(!a.verify_block_tag(&t, &[1; 12], &[1; 16], 5, 1, b"dat4"));
+        assert_ne!(t, b.block_tag(&[1; 12], &[1; 16], 5, 1, b"data"));
         assert!(a.verify_header_mac(b"x", &a.header_mac(b"x")));
         assert!(!a.verify_header_mac(b"y", &a.header_mac(b"x")));
     }

@@ -22,7 +22,9 @@ mod keyring;
 mod secret;
 
 pub use cipher::{BlockCipher, NONCE_LEN};
-pub use kdf::{derive_file_keys, FileKeys, LABEL_BLOCK_MAC, LABEL_DATA, LABEL_HEADER_MAC};
+pub use kdf::{
+    derive_file_keys, FileKeys, BLOCK_TAG_LEN, LABEL_BLOCK_MAC, LABEL_DATA, LABEL_HEADER_MAC,
+};
 pub use keyring::{CacheStats, KeyRing, KeyRingSnapshot};
 pub use secret::{SecretKey, KEY_LEN};
 
