@@ -4,7 +4,7 @@ use std::fmt;
 
 use aes::cipher::KeyInit;
 use aes::Aes256Enc;
-use aes_gcm::aead::AeadInPlace;
+use aes_gcm::aead::AeadInOut;
 use aes_gcm::Aes256Gcm;
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
@@ -103,7 +103,7 @@ impl FileKeys {
         aad.extend_from_slice(stored);
         let tag = self
             .block_mac
-            .encrypt_in_place_detached(nonce.into(), &aad, &mut [])
+            .encrypt_inout_detached(nonce.into(), &aad, (&mut [][..]).into())
             .expect("GMAC over < 64 GiB of AAD cannot fail");
         tag.into()
     }

@@ -406,6 +406,14 @@ impl Registry {
         }
         let stored_id = self.master_key_id.as_deref().unwrap_or("");
         let configured_id = provider.master_key_id();
+        if configured_id != stored_id && stored_kind == "local" {
+            return Err(KeyError::WrongKey(format!(
+                "data directory {dir} was initialised with a different local KEK \
+                 (fingerprint {stored_id}); the configured KEK file (--local-kek-file) has \
+                 fingerprint {configured_id}. Restore the original KEK file; the data cannot be \
+                 read without it"
+            )));
+        }
         if configured_id != stored_id {
             return Err(KeyError::Config(format!(
                 "data directory {dir} is encrypted under master key {stored_id}; refusing to \
@@ -656,7 +664,7 @@ mod tests {
         );
         assert!(matches!(
             reg.unwrap_all(&b, 8).await,
-            Err(KeyError::Config(_))
+            Err(KeyError::WrongKey(_))
         ));
     }
 
@@ -704,8 +712,8 @@ mod tests {
             .to_string();
         assert!(
             e.contains(&format!(
-                "encrypted under master key {}; refusing to start with {}; changing keys is an \
-                 explicit operation",
+                "initialised with a different local KEK (fingerprint {}); the configured KEK \
+                 file (--local-kek-file) has fingerprint {}",
                 a.master_key_id(),
                 b.master_key_id()
             )),
