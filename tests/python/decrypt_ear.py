@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+"""Independent decryptor for ear-sidecar backing files (format version 1).
+
+Written only from doc/FORMAT.md, with Python's `cryptography` package, to prove
+that the document is precise enough to decrypt a data directory without the
+Rust code. It reads `keys.json` and the local KEK, unwraps every universe key
+(AES-256-GCM with the documented AAD), derives the per-file keys with
+HKDF-SHA256, verifies the header MAC of both header slots, checks every block
+entry (CRC32C) and decrypts the data blocks with AES-256-CTR.
+
+Usage:
+    decrypt_ear.py --data-dir D --export NAME [--kek-file F] [--output PATH]
+
+The plaintext image of the export (exactly `size` bytes) goes to PATH, or to
+stdout when no --output is given. Any inconsistency is an error (exit 1) with
+a message on stderr: a decryptor that guesses would prove nothing.
+"""
+
+import argparse
+import base64
+import hashlib
+import hmac
+import json
+import os
+import struct
+import sys
+
+try:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+except ImportError as e:  # pragma: no cover - reported by the Rust test
+    sys.stderr.write("decrypt_ear.py: the Python 'cryptography' package is required: %s\n" % e)
+    sys.exit(3)
+
+# doc/FORMAT.md, "Backing file layout", "Header slot", "Group", "Entry".
+MAGIC = b"EARSCAR\x01"
+HEADER_SLOT = 4096
+HEADER_BODY = 160
+DATA_START = 8192
+BLOCK_SIZE = 4096
+GROUP_BLOCKS = 256
+ENTRY_SIZE = 64
+GROUP_META = GROUP_BLOCKS * ENTRY_SIZE
+GROUP_BYTES = GROUP_META + GROUP_BLOCKS * BLOCK_SIZE  # 1,064,960
+WRAP_AAD_DOMAIN = b"ear-sidecar/v1 local-wrap context"
+INFO_DATA = b"ear-sidecar/v1 data-key"
+INFO_HEADER = b"ear-sidecar/v1 header-mac-key"
+
+
+class FormatError(Exception):
+    """The data directory does not follow doc/FORMAT.md."""
+
+
+# ---------------------------------------------------------------- CRC32C
+
+
+def _crc32c_table():
+    poly = 0x82F63B78  # Castagnoli, reflected
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ poly if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data, crc=0):
+    """CRC-32C (Castagnoli), standard init/final XOR; `crc` continues a previous value."""
+    c = crc ^ 0xFFFFFFFF
+    t = _CRC_TABLE
+    for b in data:
+        c = t[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+# ---------------------------------------------------------------- keys
+
+
+def context_aad(ctx):
+    """AAD of a local-provider wrapped key: domain || u64be(n) || sorted (k, v) pairs."""
+    items = sorted((k.encode("utf-8"), v.encode("utf-8")) for k, v in ctx.items())
+    out = bytearray(WRAP_AAD_DOMAIN)
+    out += struct.pack(">Q", len(items))
+    for k, v in items:
+        out += struct.pack(">Q", len(k)) + k + struct.pack(">Q", len(v)) + v
+    return bytes(out)
+
+
+def unwrap_universe_keys(registry, kek):
+    """{version: universe key} for every version in the registry."""
+    if registry.get("provider") != "local":
+        raise FormatError("only the local provider can be decrypted offline, not %r"
+                          % registry.get("provider"))
+    keys = {}
+    for entry in registry["versions"]:
+        blob = base64.b64decode(entry["wrapped"], validate=True)
+        if len(blob) != 60:
+            raise FormatError("wrapped key of version %d has %d bytes, expected 60"
+                              % (entry["version"], len(blob)))
+        ctx = entry["context"]
+        if ctx.get("ear-sidecar:dir-id") != registry["dir_id"]:
+            raise FormatError("context dir-id does not match the registry dir_id")
+        if ctx.get("ear-sidecar:key-version") != str(entry["version"]):
+            raise FormatError("context key-version does not match the version")
+        nonce, sealed = blob[:12], blob[12:]
+        try:
+            key = AESGCM(kek).decrypt(nonce, sealed, context_aad(ctx))
+        except Exception as e:  # InvalidTag
+            raise FormatError("cannot unwrap universe key version %d: wrong KEK or AAD (%s)"
+                              % (entry["version"], type(e).__name__))
+        if len(key) != 32:
+            raise FormatError("universe key is not 32 bytes")
+        keys[entry["version"]] = key
+    return keys
+
+
+def derive(universe_key, file_id, info):
+    """HKDF-SHA256(salt = file_id, IKM = universe key, info), 32 bytes."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=file_id, info=info).derive(universe_key)
+
+
+# ---------------------------------------------------------------- header
+
+
+def parse_header(slot, dir_id, universe_keys, encrypted):
+    """Decodes and authenticates one 4096-byte header slot; raises FormatError."""
+    if len(slot) != HEADER_SLOT:
+        raise FormatError("short header slot")
+    body, mac = slot[:HEADER_BODY], slot[HEADER_BODY:HEADER_BODY + 32]
+    if body[0:8] != MAGIC:
+        raise FormatError("bad magic")
+    (version, body_len, algorithm, check, block_size, group_blocks, entry_size, flags,
+     key_version) = struct.unpack_from("<HHHHIIHHI", body, 8)
+    if version != 1:
+        raise FormatError("unknown format version %d" % version)
+    if body_len != HEADER_BODY:
+        raise FormatError("MAC-covered body length %d" % body_len)
+    if (check, block_size, group_blocks, entry_size, flags) != (0, BLOCK_SIZE, GROUP_BLOCKS,
+                                                                 ENTRY_SIZE, 0):
+        raise FormatError("unexpected geometry/flags")
+    if any(slot[HEADER_BODY + 32:]):
+        raise FormatError("bytes 192..4096 of the header are not zero")
+    file_id = body[32:48]
+    size, sequence = struct.unpack_from("<QQ", body, 48)
+    hdr_dir_id = body[64:80]
+    (name_len,) = struct.unpack_from("<H", body, 80)
+    if not 1 <= name_len <= 64:
+        raise FormatError("name length %d" % name_len)
+    name = body[82:82 + name_len].decode("ascii")
+    if any(body[82 + name_len:HEADER_BODY]):
+        raise FormatError("bytes after the name are not zero")
+    if encrypted:
+        if algorithm != 1:
+            raise FormatError("algorithm %d in an encrypted directory" % algorithm)
+        if key_version not in universe_keys:
+            raise FormatError("header key version %d is not in the registry" % key_version)
+        header_key = derive(universe_keys[key_version], file_id, INFO_HEADER)
+        expect = hmac.new(header_key, body, hashlib.sha256).digest()
+    else:
+        if algorithm != 0 or key_version != 0:
+            raise FormatError("encrypted header in a plaintext directory")
+        expect = hashlib.sha256(body).digest()
+    if not hmac.compare_digest(expect, mac):
+        raise FormatError("header MAC does not verify (wrong key or tampered header)")
+    if hdr_dir_id != dir_id:
+        raise FormatError("header belongs to another data directory")
+    return {"file_id": file_id, "size": size, "sequence": sequence, "name": name,
+            "algorithm": algorithm, "key_version": key_version}
+
+
+# ---------------------------------------------------------------- data
+
+
+def decrypt_export(data_dir, export, kek_file, out):
+    with open(os.path.join(data_dir, "keys.json"), "rb") as f:
+        registry = json.load(f)
+    if registry.get("format") != 1:
+        raise FormatError("keys.json format %r" % registry.get("format"))
+    dir_id = bytes.fromhex(registry["dir_id"])
+    if len(dir_id) != 16:
+        raise FormatError("dir_id is not 16 bytes")
+    encrypted = registry["encryption"] == "on"
+    universe_keys = {}
+    if encrypted:
+        with open(kek_file, "rb") as f:
+            kek = f.read()
+        if len(kek) != 32:
+            raise FormatError("KEK file holds %d bytes, not 32" % len(kek))
+        universe_keys = unwrap_universe_keys(registry, kek)
+    elif registry["encryption"] != "off":
+        raise FormatError("encryption is %r" % registry["encryption"])
+
+    path = os.path.join(data_dir, "exports", export + ".ear")
+    with open(path, "rb") as f:
+        headers, errors = [], []
+        for i in range(2):
+            f.seek(i * HEADER_SLOT)
+            try:
+                headers.append(parse_header(f.read(HEADER_SLOT), dir_id, universe_keys,
+                                            encrypted))
+            except FormatError as e:
+                errors.append("slot %s: %s" % ("AB"[i], e))
+        if not headers:
+            raise FormatError("no valid header: " + "; ".join(errors))
+        h = max(headers, key=lambda x: x["sequence"])
+        if h["name"] != export:
+            raise FormatError("header names export %r, not %r" % (h["name"], export))
+        size = h["size"]
+        blocks = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
+        expected_len = DATA_START + ((blocks + GROUP_BLOCKS - 1) // GROUP_BLOCKS) * GROUP_BYTES
+        actual_len = os.fstat(f.fileno()).st_size
+        if actual_len != expected_len:
+            raise FormatError("file length %d, FORMAT.md says %d" % (actual_len, expected_len))
+
+        data_keys = {}
+        remaining = size
+        zero = bytes(BLOCK_SIZE)
+        for g in range((blocks + GROUP_BLOCKS - 1) // GROUP_BLOCKS):
+            group_at = DATA_START + g * GROUP_BYTES
+            f.seek(group_at)
+            table = f.read(GROUP_META)
+            for i in range(GROUP_BLOCKS):
+                b = g * GROUP_BLOCKS + i
+                if b >= blocks:
+                    break
+                entry = table[i * ENTRY_SIZE:(i + 1) * ENTRY_SIZE]
+                if not any(entry):
+                    plain = zero
+                else:
+                    nonce = entry[0:12]
+                    key_version, flags, crc = struct.unpack_from("<III", entry, 12)
+                    if flags != 1:
+                        raise FormatError("block %d: entry flags %d" % (b, flags))
+                    if any(entry[24:]):
+                        raise FormatError("block %d: reserved entry bytes set" % b)
+                    f.seek(group_at + GROUP_META + i * BLOCK_SIZE)
+                    stored = f.read(BLOCK_SIZE)
+                    if crc32c(stored, crc32c(entry[0:20])) != crc:
+                        raise FormatError("block %d: CRC32C mismatch (torn block)" % b)
+                    if encrypted:
+                        if key_version not in universe_keys:
+                            raise FormatError("block %d: unknown key version %d"
+                                              % (b, key_version))
+                        if key_version not in data_keys:
+                            data_keys[key_version] = derive(universe_keys[key_version],
+                                                            h["file_id"], INFO_DATA)
+                        dec = Cipher(algorithms.AES(data_keys[key_version]),
+                                     modes.CTR(nonce + b"\x00\x00\x00\x00")).decryptor()
+                        plain = dec.update(stored) + dec.finalize()
+                    else:
+                        if any(nonce) or key_version != 0:
+                            raise FormatError("block %d: nonce/key version in plaintext" % b)
+                        plain = stored
+                n = min(BLOCK_SIZE, remaining)
+                out.write(plain[:n])
+                remaining -= n
+        if remaining != 0:
+            raise FormatError("internal: %d bytes not produced" % remaining)
+    return h
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--export", required=True)
+    ap.add_argument("--kek-file", help="default: <data-dir>/local.kek")
+    ap.add_argument("--output", help="default: stdout")
+    a = ap.parse_args()
+    kek_file = a.kek_file or os.path.join(a.data_dir, "local.kek")
+    try:
+        if a.output:
+            with open(a.output, "wb") as out:
+                h = decrypt_export(a.data_dir, a.export, kek_file, out)
+        else:
+            h = decrypt_export(a.data_dir, a.export, kek_file, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+    except (FormatError, OSError, KeyError, ValueError) as e:
+        sys.stderr.write("decrypt_ear.py: error: %s\n" % e)
+        return 1
+    sys.stderr.write("decrypt_ear.py: export %s: %d bytes, sequence %d\n"
+                     % (h["name"], h["size"], h["sequence"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
