@@ -264,6 +264,8 @@ fn fio_verify_crc32c_over_several_connections() {
     std::fs::write(&jobfile, job).expect("write fio job file");
     let out = run_ok(
         Command::new("fio")
+            // fio saves verify state files in its working directory.
+            .current_dir(s.root())
             .arg("--output-format=json")
             .arg(&jobfile),
     );
