@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::handler::{self, ReplyMode};
 use super::Shared;
@@ -291,15 +291,25 @@ async fn discard(rd: &mut Reader, mut n: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A reply ready to send, with the in-flight permits of its request: they are
+/// released only once the reply has been written to the socket, so a client
+/// that does not read its replies cannot make the server buffer them without
+/// limit.
+struct Outgoing {
+    reply: Bytes,
+    _permits: Option<[OwnedSemaphorePermit; 3]>,
+}
+
 async fn write_replies(
     mut wr: Writer,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) -> std::io::Result<()> {
-    while let Some(b) = rx.recv().await {
-        wr.write_all(&b).await?;
+    while let Some(o) = rx.recv().await {
+        wr.write_all(&o.reply).await?;
+        drop(o);
         // Coalesce replies that are already waiting into one flush.
-        while let Ok(b) = rx.try_recv() {
-            wr.write_all(&b).await?;
+        while let Ok(o) = rx.try_recv() {
+            wr.write_all(&o.reply).await?;
         }
         wr.flush().await?;
     }
@@ -314,9 +324,12 @@ async fn transmission(
     mode: ReplyMode,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
-    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
     let writer = tokio::spawn(write_replies(wr, rx));
     let per_conn = Arc::new(Semaphore::new(shared.config.max_inflight));
+    // Payload bytes in flight on this connection: one client cannot take the
+    // whole server-wide budget.
+    let conn_bytes = Arc::new(Semaphore::new(2 * shared.config.max_request as usize));
     let limits = ExportLimits {
         size: export.size(),
         max_request: shared.config.max_request,
@@ -342,7 +355,10 @@ async fn transmission(
                     discard(&mut rd, u64::from(e.discard)).await?;
                     let mut b = BytesMut::new();
                     e.encode_reply(&mut b, mode.structured);
-                    let _ = tx.send(b.freeze());
+                    let _ = tx.send(Outgoing {
+                        reply: b.freeze(),
+                        _permits: None,
+                    });
                     continue;
                 }
             };
@@ -355,6 +371,10 @@ async fn transmission(
             };
             let slot = Arc::clone(&per_conn)
                 .acquire_owned()
+                .await
+                .map_err(|_| std::io::Error::other("semaphore closed"))?;
+            let mine = Arc::clone(&conn_bytes)
+                .acquire_many_owned(bytes)
                 .await
                 .map_err(|_| std::io::Error::other("semaphore closed"))?;
             let budget = Arc::clone(&shared.inflight_bytes)
@@ -373,9 +393,11 @@ async fn transmission(
             let shared2 = Arc::clone(&shared);
             tokio::task::spawn_blocking(move || {
                 let (reply, done) = handler::execute(&export, req.cookie, req.kind, payload, mode);
-                let _ = tx.send(reply);
+                let _ = tx.send(Outgoing {
+                    reply,
+                    _permits: Some([slot, mine, budget]),
+                });
                 crate::server::observe(&shared2, &export, &done);
-                drop((slot, budget));
             });
         }
     }
