@@ -58,13 +58,17 @@ fn timed<T>(acc: &mut Duration, f: impl FnOnce() -> T) -> T {
     r
 }
 
-/// Reads `buf.len()` bytes at `off`; bytes past end of file read as zeros.
+/// Reads `buf.len()` bytes at `off`. The file is always at least as long as
+/// its header's size requires (it is extended before a header grows it), so
+/// hitting end of file means it was truncated: that is an error, never zeros.
 fn read_full_at(file: &File, mut buf: &mut [u8], mut off: u64) -> std::io::Result<()> {
     while !buf.is_empty() {
         match file.read_at(buf, off) {
             Ok(0) => {
-                buf.fill(0);
-                return Ok(());
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "backing file is shorter than its header says (truncated)",
+                ))
             }
             Ok(n) => {
                 buf = &mut buf[n..];
@@ -143,7 +147,13 @@ impl Export {
         size: u64,
         dir_id: [u8; 16],
         keys: Option<Arc<KeyRing>>,
+        integrity: Integrity,
     ) -> Result<Export, StoreError> {
+        if integrity == Integrity::Gmac && keys.is_none() {
+            return Err(StoreError::Config(
+                "per-block integrity needs encryption".into(),
+            ));
+        }
         let io = |what: &str| {
             let what = format!("{what} {}", path.display());
             move |source| StoreError::Io { what, source }
@@ -152,7 +162,7 @@ impl Export {
         fill_random(&mut file_id)?;
         let header = Header {
             algorithm: Self::mode_algorithm(&keys),
-            integrity: Integrity::Crc32c,
+            integrity,
             header_key_version: keys.as_ref().map_or(0, |k| k.active_version()),
             file_id,
             size,
@@ -274,13 +284,13 @@ impl Export {
                 "header slots disagree; rewriting both from the newest valid one");
             export.write_headers()?;
         }
-        // A crash between a header update and the file resize leaves a short
-        // file; make the length match the header again (idempotent).
-        export.ensure_len()?;
+        export.check_len()?;
         Ok(export)
     }
 
-    fn ensure_len(&self) -> Result<(), StoreError> {
+    /// A backing file shorter than its header requires was truncated (the
+    /// file is always extended before a header that grows it is written).
+    fn check_len(&self) -> Result<(), StoreError> {
         let want = format::file_len_for(self.header.size);
         let have = self
             .file
@@ -288,12 +298,12 @@ impl Export {
             .map_err(|source| self.io_err("stat", source))?
             .len();
         if have < want {
-            self.file
-                .set_len(want)
-                .map_err(|source| self.io_err("resize", source))?;
-            self.file
-                .sync_all()
-                .map_err(|source| self.io_err("fsync", source))?;
+            return Err(StoreError::BadHeader {
+                path: self.path.display().to_string(),
+                why: format!(
+                    "the file is {have} bytes but its header requires {want}: it was truncated"
+                ),
+            });
         }
         Ok(())
     }
@@ -324,10 +334,18 @@ impl Export {
         if new_size == self.header.size {
             return Ok(());
         }
+        // Extend first, then publish the new size: a crash in between leaves
+        // a longer file under the old header, which is harmless.
+        let want = format::file_len_for(new_size);
+        self.file
+            .set_len(want)
+            .map_err(|source| self.io_err("resize", source))?;
+        self.file
+            .sync_all()
+            .map_err(|source| self.io_err("fsync", source))?;
         self.header.size = new_size;
         self.header.sequence += 1;
-        self.write_headers()?;
-        self.ensure_len()
+        self.write_headers()
     }
 
     fn io_err(&self, what: &str, source: std::io::Error) -> StoreError {
@@ -440,35 +458,66 @@ impl Export {
             let _g = self.locks.lock(first, last);
             return self.read_segment(first, last, buf, true, st);
         }
-        // Pass 2: decrypt.
+        // Pass 2: authenticate (integrity mode) and decrypt.
+        let gmac = self.header.integrity == Integrity::Gmac;
         let mut cached: Option<(u32, Arc<FileKeys>)> = None;
-        for (state, blk) in states.iter().zip(buf.chunks_exact_mut(BLOCK_SIZE)) {
+        for (i, (state, blk)) in states
+            .iter()
+            .zip(buf.chunks_exact_mut(BLOCK_SIZE))
+            .enumerate()
+        {
+            let block = first + i as u64;
+            let corrupt = |why: &str| StoreError::Corrupt {
+                export: self.name.clone(),
+                block,
+                why: why.into(),
+            };
             match state {
                 EntryState::Unwritten => blk.fill(0),
-                EntryState::Written(en) => match &self.keys {
-                    None => {
-                        if en.key_version != 0 || en.nonce != [0; NONCE_LEN] {
-                            return Err(StoreError::Corrupt {
-                                export: self.name.clone(),
-                                block: first,
-                                why: "encrypted block in an unencrypted export".into(),
+                EntryState::Written(en) => {
+                    if !gmac && en.tag != [0; format::TAG_LEN] {
+                        return Err(corrupt("tag set in a file without per-block integrity"));
+                    }
+                    match &self.keys {
+                        None => {
+                            if en.key_version != 0 || en.nonce != [0; NONCE_LEN] {
+                                return Err(corrupt("encrypted block in an unencrypted export"));
+                            }
+                        }
+                        Some(ring) => {
+                            let keys = match &cached {
+                                Some((v, k)) if *v == en.key_version => Arc::clone(k),
+                                _ => {
+                                    let k =
+                                        ring.file_keys(&self.header.file_id, en.key_version)?;
+                                    cached = Some((en.key_version, Arc::clone(&k)));
+                                    k
+                                }
+                            };
+                            if gmac {
+                                let ok = timed(&mut st.crypto, || {
+                                    keys.verify_block_tag(
+                                        &en.tag,
+                                        &en.nonce,
+                                        &self.header.file_id,
+                                        block,
+                                        en.key_version,
+                                        blk,
+                                    )
+                                });
+                                if !ok {
+                                    return Err(StoreError::AuthFailed {
+                                        export: self.name.clone(),
+                                        block,
+                                    });
+                                }
+                            }
+                            timed(&mut st.crypto, || {
+                                BlockCipher::new(keys.data_cipher()).apply(&en.nonce, blk)
                             });
                         }
                     }
-                    Some(ring) => {
-                        let keys = match &cached {
-                            Some((v, k)) if *v == en.key_version => Arc::clone(k),
-                            _ => {
-                                let k = ring.file_keys(&self.header.file_id, en.key_version)?;
-                                cached = Some((en.key_version, Arc::clone(&k)));
-                                k
-                            }
-                        };
-                        timed(&mut st.crypto, || {
-                            BlockCipher::new(keys.data_cipher()).apply(&en.nonce, blk)
-                        });
-                    }
-                },
+                }
             }
         }
         Ok(())
@@ -545,14 +594,22 @@ impl Export {
                 });
             }
             let mut entries = vec![0u8; seg_n * ENTRY_SIZE];
-            for ((blk, nonce), slot) in seg
+            let gmac = self.header.integrity == Integrity::Gmac;
+            for (i, ((blk, nonce), slot)) in seg
                 .chunks_exact(BLOCK_SIZE)
                 .zip(seg_nonces.chunks_exact(NONCE_LEN))
                 .zip(entries.chunks_exact_mut(ENTRY_SIZE))
+                .enumerate()
             {
                 let mut nn = [0u8; NONCE_LEN];
                 nn.copy_from_slice(nonce);
-                Entry::for_block(nn, version, blk).encode(slot);
+                let mut entry = Entry::for_block(nn, version, blk);
+                if let (true, Some(k)) = (gmac, &keys) {
+                    entry.tag = timed(&mut st.crypto, || {
+                        k.block_tag(&nn, &self.header.file_id, b + i as u64, version, blk)
+                    });
+                }
+                entry.encode(slot);
             }
             // Data first, then entries: a crash in between leaves a block whose
             // entry does not match (detected on read), never silent garbage.

@@ -73,14 +73,26 @@ pub enum Integrity {
     /// CRC32C over entry and stored block: detects torn writes and media
     /// errors, not tampering.
     Crc32c,
+    /// CRC32C plus a 128-bit AES-256-GMAC tag per block under the per-file
+    /// block-MAC key, bound to file id, block index, key version and nonce:
+    /// detects tampering, blocks moved between offsets or files, and torn
+    /// writes. Requires encryption.
+    Gmac,
 }
 
 impl Integrity {
     fn code(self) -> u16 {
-        0
+        match self {
+            Integrity::Crc32c => 0,
+            Integrity::Gmac => 1,
+        }
     }
     fn from_code(c: u16) -> Option<Self> {
-        (c == 0).then_some(Integrity::Crc32c)
+        match c {
+            0 => Some(Integrity::Crc32c),
+            1 => Some(Integrity::Gmac),
+            _ => None,
+        }
     }
 }
 
@@ -196,6 +208,9 @@ impl Header {
             return Err(HeaderError::Field("reserved bytes"));
         }
         let header_key_version = u32_at(28);
+        if integrity == Integrity::Gmac && algorithm == Algorithm::None {
+            return Err(HeaderError::Field("integrity without encryption"));
+        }
         if (algorithm == Algorithm::None) != (header_key_version == 0) {
             return Err(HeaderError::Field("header key version"));
         }
@@ -235,6 +250,10 @@ pub fn data_offset(b: u64) -> u64 {
 
 /// Flag bit: the block has been written.
 pub const FLAG_WRITTEN: u32 = 1;
+/// Bytes of the per-block tag (integrity mode).
+pub const TAG_LEN: usize = 16;
+/// Offset of the tag inside an entry.
+const TAG_AT: usize = 32;
 
 /// A decoded block entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,6 +266,8 @@ pub struct Entry {
     pub flags: u32,
     /// CRC32C over entry bytes 0..20 and the stored block.
     pub crc: u32,
+    /// Authentication tag (all zero unless the file uses [`Integrity::Gmac`]).
+    pub tag: [u8; TAG_LEN],
 }
 
 /// What an entry slot holds.
@@ -280,6 +301,7 @@ impl Entry {
             key_version,
             flags: FLAG_WRITTEN,
             crc: 0,
+            tag: [0; TAG_LEN],
         };
         e.crc = crc32c::crc32c_append(crc32c::crc32c(&e.prefix()), stored);
         e
@@ -295,6 +317,7 @@ impl Entry {
         out[..ENTRY_SIZE].fill(0);
         out[0..20].copy_from_slice(&self.prefix());
         out[20..24].copy_from_slice(&self.crc.to_le_bytes());
+        out[TAG_AT..TAG_AT + TAG_LEN].copy_from_slice(&self.tag);
     }
 
     /// Decodes a 64-byte slot.
@@ -308,16 +331,20 @@ impl Entry {
         if flags != FLAG_WRITTEN {
             return Err(EntryError("unknown flags"));
         }
-        if s[24..].iter().any(|&x| x != 0) {
+        if s[24..TAG_AT].iter().any(|&x| x != 0) || s[TAG_AT + TAG_LEN..].iter().any(|&x| x != 0)
+        {
             return Err(EntryError("reserved bytes set"));
         }
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&s[0..12]);
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&s[TAG_AT..TAG_AT + TAG_LEN]);
         Ok(EntryState::Written(Entry {
             nonce,
             key_version: u32_at(12),
             flags,
             crc: u32_at(20),
+            tag,
         }))
     }
 }
@@ -379,7 +406,8 @@ mod tests {
     #[test]
     fn entry_round_trip_and_crc() {
         let data = vec![0x5au8; BLOCK_SIZE];
-        let e = Entry::for_block([3; 12], 2, &data);
+        let mut e = Entry::for_block([3; 12], 2, &data);
+        e.tag = [0xee; TAG_LEN];
         let mut slot = [0u8; ENTRY_SIZE];
         e.encode(&mut slot);
         assert_eq!(Entry::decode(&slot).unwrap(), EntryState::Written(e));

@@ -46,6 +46,16 @@ pub enum StoreError {
         /// What failed.
         why: String,
     },
+    /// A block whose authentication tag does not verify (integrity mode):
+    /// tampered with, moved from another offset or file, or rolled to a
+    /// different key version.
+    #[error("export {export}: block {block} failed authentication (modified, moved or replaced on disk)")]
+    AuthFailed {
+        /// Export name.
+        export: String,
+        /// Block index.
+        block: u64,
+    },
     /// A request outside the export.
     #[error("range {offset}+{len} is outside the export of {size} bytes")]
     OutOfRange {
@@ -100,6 +110,7 @@ impl StoreError {
             StoreError::Io { .. } => "io",
             StoreError::BadHeader { .. } => "bad_header",
             StoreError::Corrupt { .. } => "corrupt",
+            StoreError::AuthFailed { .. } => "auth_failed",
             StoreError::OutOfRange { .. } => "range",
             StoreError::Shrink { .. } | StoreError::Config(_) => "config",
             StoreError::Crypto(CryptoError::FailedClosed(_)) => "failed_closed",
@@ -183,6 +194,23 @@ impl Store {
         keys: Option<Arc<KeyRing>>,
         specs: &[ExportSpec],
     ) -> Result<Store, StoreError> {
+        Self::open_with(data_dir, dir_id, keys, specs, false)
+    }
+
+    /// Like [`Store::open`]; `integrity` selects per-block authentication
+    /// for exports created now (existing exports keep the mode in their header).
+    pub fn open_with(
+        data_dir: &Path,
+        dir_id: [u8; 16],
+        keys: Option<Arc<KeyRing>>,
+        specs: &[ExportSpec],
+        integrity: bool,
+    ) -> Result<Store, StoreError> {
+        let mode = if integrity {
+            format::Integrity::Gmac
+        } else {
+            format::Integrity::Crc32c
+        };
         let dir = exports_dir(data_dir);
         {
             use std::os::unix::fs::DirBuilderExt;
@@ -199,6 +227,10 @@ impl Store {
         for name in existing_exports(data_dir)? {
             let path = dir.join(format!("{name}{SUFFIX}"));
             let e = Export::open(&path, &name, dir_id, keys.clone())?;
+            if e.header().integrity != mode {
+                tracing::warn!(export = %name, header = ?e.header().integrity, configured = ?mode,
+                    "existing export keeps the per-block integrity mode it was created with");
+            }
             exports.insert(name, e);
         }
         for spec in specs {
@@ -226,7 +258,14 @@ impl Store {
                 None => {
                     let path = dir.join(format!("{}{SUFFIX}", spec.name));
                     tracing::info!(export = %spec.name, size = spec.size, "creating export");
-                    let e = Export::create(&path, &spec.name, spec.size, dir_id, keys.clone())?;
+                    let e = Export::create(
+                        &path,
+                        &spec.name,
+                        spec.size,
+                        dir_id,
+                        keys.clone(),
+                        mode,
+                    )?;
                     exports.insert(spec.name.clone(), e);
                 }
             }
@@ -277,6 +316,8 @@ pub struct ExportInfo {
     pub algorithm: String,
     /// Header key version.
     pub header_key_version: u32,
+    /// Per-block check: `crc32c` or `gmac`.
+    pub integrity: String,
     /// Bytes allocated on disk.
     pub allocated_bytes: u64,
     /// Problem decoding the header, if any.
@@ -294,6 +335,7 @@ pub fn inspect(data_dir: &Path) -> Result<Vec<ExportInfo>, StoreError> {
             size: 0,
             algorithm: String::new(),
             header_key_version: 0,
+            integrity: String::new(),
             allocated_bytes: 0,
             error: None,
         };
@@ -315,6 +357,10 @@ pub fn inspect(data_dir: &Path) -> Result<Vec<ExportInfo>, StoreError> {
                             format::Algorithm::Aes256CtrR96 => "aes-256-ctr-r96".into(),
                         };
                         info.header_key_version = h.header_key_version;
+                        info.integrity = match h.integrity {
+                            format::Integrity::Crc32c => "crc32c".into(),
+                            format::Integrity::Gmac => "gmac".into(),
+                        };
                     }
                     Err(e) => info.error = Some(e.to_string()),
                 }

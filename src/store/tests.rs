@@ -247,3 +247,158 @@ proptest! {
         prop_assert_eq!(all, model);
     }
 }
+
+// ---- integrity mode --------------------------------------------------------
+
+fn open_gmac(dir: &Path, key: [u8; 32], names: &[&str]) -> Store {
+    let specs: Vec<ExportSpec> = names.iter().map(|n| spec(n, 2 << 20)).collect();
+    Store::open_with(dir, DIR_ID, Some(ring_with(key)), &specs, true).unwrap()
+}
+
+/// Rewrites an entry's CRC so that only the authentication tag can notice a
+/// change (what an attacker who knows the format would do).
+fn fix_crc(path: &Path, block: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut ent = [0u8; 64];
+    f.read_exact_at(&mut ent, format::entry_offset(block)).unwrap();
+    let mut data = vec![0u8; BLOCK_SIZE];
+    f.read_exact_at(&mut data, format::data_offset(block)).unwrap();
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&ent[..20]), &data);
+    f.write_all_at(&crc.to_le_bytes(), format::entry_offset(block) + 20)
+        .unwrap();
+}
+
+fn patch(path: &Path, at: u64, f: impl FnOnce(&mut [u8])) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    file.read_exact_at(&mut b, at).unwrap();
+    f(&mut b);
+    file.write_all_at(&b, at).unwrap();
+}
+
+#[test]
+fn integrity_round_trip_and_header_mode() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open_gmac(d.path(), [20; 32], &["t"]);
+    let e = s.get("t").unwrap();
+    assert_eq!(e.header().integrity, format::Integrity::Gmac);
+    let mut data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let orig = data.clone();
+    e.write(777, &mut data, true).unwrap();
+    let mut out = vec![0u8; orig.len()];
+    e.read(777, &mut out).unwrap();
+    assert_eq!(out, orig);
+    drop(s);
+    // Reopened without asking for integrity: the header keeps it.
+    let s = Store::open(d.path(), DIR_ID, Some(ring_with([20; 32])), &[]).unwrap();
+    assert_eq!(s.get("t").unwrap().header().integrity, format::Integrity::Gmac);
+    let mut out = vec![0u8; orig.len()];
+    s.get("t").unwrap().read(777, &mut out).unwrap();
+    assert_eq!(out, orig);
+}
+
+#[test]
+fn integrity_detects_every_tampered_byte_class() {
+    // (what, byte offset relative to block 3's entry or data, fix the CRC?)
+    let cases: &[(&str, bool, u64)] = &[
+        ("nonce", true, 0),
+        ("nonce", true, 11),
+        ("key version", true, 12),
+        ("flags", true, 16),
+        ("crc", true, 21),
+        ("reserved", true, 26),
+        ("tag", true, 32),
+        ("tag", true, 47),
+        ("tag padding", true, 50),
+        ("ciphertext first byte", false, 0),
+        ("ciphertext middle", false, 2048),
+        ("ciphertext last byte", false, 4095),
+    ];
+    for (what, in_entry, off) in cases {
+        let d = tempfile::tempdir().unwrap();
+        let s = open_gmac(d.path(), [21; 32], &["t"]);
+        let e = s.get("t").unwrap();
+        e.write(0, &mut vec![0x42u8; 8 * BLOCK_SIZE], true).unwrap();
+        let path = e.path().to_path_buf();
+        let at = if *in_entry {
+            format::entry_offset(3) + off
+        } else {
+            format::data_offset(3) + off
+        };
+        patch(&path, at, |b| b[0] ^= 0x01);
+        if *what != "crc" {
+            fix_crc(&path, 3);
+        }
+        let mut out = vec![0u8; BLOCK_SIZE];
+        let err = e.read(3 * 4096, &mut out).expect_err(what);
+        assert_eq!(err.errno(), 5, "{what}: {err}");
+        // Neighbours are unaffected.
+        e.read(2 * 4096, &mut out).unwrap();
+        assert_eq!(out, vec![0x42u8; BLOCK_SIZE], "{what}");
+    }
+}
+
+#[test]
+fn integrity_detects_swapped_and_transplanted_blocks() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open_gmac(d.path(), [22; 32], &["a", "b"]);
+    let (a, b) = (s.get("a").unwrap(), s.get("b").unwrap());
+    a.write(0, &mut vec![1u8; 4096], true).unwrap();
+    a.write(4096, &mut vec![2u8; 4096], true).unwrap();
+    b.write(0, &mut vec![3u8; 4096], true).unwrap();
+    let read_rec = |p: &Path, blk: u64| {
+        let raw = std::fs::read(p).unwrap();
+        let e = format::entry_offset(blk) as usize;
+        let dta = format::data_offset(blk) as usize;
+        (raw[e..e + 64].to_vec(), raw[dta..dta + 4096].to_vec())
+    };
+    let write_rec = |p: &Path, blk: u64, rec: &(Vec<u8>, Vec<u8>)| {
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.write_all_at(&rec.0, format::entry_offset(blk)).unwrap();
+        f.write_all_at(&rec.1, format::data_offset(blk)).unwrap();
+    };
+    // Swap blocks 0 and 1 of export a (entries and data move together).
+    let (r0, r1) = (read_rec(a.path(), 0), read_rec(a.path(), 1));
+    write_rec(a.path(), 0, &r1);
+    write_rec(a.path(), 1, &r0);
+    let mut out = vec![0u8; 4096];
+    assert!(matches!(a.read(0, &mut out), Err(StoreError::AuthFailed { block: 0, .. })));
+    assert!(matches!(a.read(4096, &mut out), Err(StoreError::AuthFailed { block: 1, .. })));
+    // Copy block 0 of b into block 0 of a (same universe key, other file).
+    write_rec(a.path(), 0, &read_rec(b.path(), 0));
+    assert!(matches!(a.read(0, &mut out), Err(StoreError::AuthFailed { .. })));
+    b.read(0, &mut out).unwrap();
+    assert_eq!(out, vec![3u8; 4096]);
+}
+
+#[test]
+fn truncated_backing_file_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let path = {
+        let s = open_gmac(d.path(), [23; 32], &["t"]);
+        let e = s.get("t").unwrap();
+        e.write(0, &mut vec![9u8; 64 * 1024], true).unwrap();
+        e.path().to_path_buf()
+    };
+    // Cut the file in the middle of block 5's data.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(format::data_offset(5) + 100).unwrap();
+    drop(f);
+    let err = Store::open(d.path(), DIR_ID, Some(ring_with([23; 32])), &[]).unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+}
+
+#[test]
+fn integrity_needs_encryption() {
+    let d = tempfile::tempdir().unwrap();
+    let err = Store::open_with(d.path(), DIR_ID, None, &[spec("t", 1 << 20)], true).unwrap_err();
+    assert!(err.to_string().contains("needs encryption"), "{err}");
+}
