@@ -12,11 +12,15 @@
 //! * [`server`]   – Unix listener, per-connection state machine, request handlers.
 //! * [`config`]   – command line / environment / TOML configuration, loaded and
 //!   validated fully before anything binds.
+//! * [`metrics`]  – Prometheus `/metrics`, `/livez`, `/readyz` on one small
+//!   HTTP listener; reads the others' counters at scrape time and records
+//!   per-request series through pre-registered handles (`server::observe`).
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod crypto;
 pub mod keys;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod store;

@@ -3,19 +3,24 @@
 //! Everything of substance lives in the library modules.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 
 use ear_sidecar::config::{
-    Cli, Command, Encryption, KmsConfig, LogFormat, ServeConfig, StatusArgs,
+    Cli, Command, Encryption, KmsConfig, LogFormat, ServeConfig, StatusArgs, ValidateKeyArgs,
 };
+use ear_sidecar::keys::aws::{self, AwsKmsOptions, AwsKmsProvider, CheckOutcome, ValidationReport};
 use ear_sidecar::keys::local::LocalProvider;
+use ear_sidecar::keys::memory;
 use ear_sidecar::keys::registry::Registry;
-use ear_sidecar::keys::KeyProvider;
+use ear_sidecar::keys::revocation::{watch_master_key, RevocationState};
+use ear_sidecar::keys::{KeyError, KeyProvider, MasterKeyState};
 use ear_sidecar::server::{self, Health, ServerConfig, Shared};
 use ear_sidecar::store::{self, ExportSpec, Store};
 
@@ -30,9 +35,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Status(args) => status(&args),
-        Command::ValidateKey(_args) => {
-            Err(anyhow!("validate-key is not available in this build yet"))
-        }
+        Command::ValidateKey(args) => return validate_key_cmd(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -109,10 +112,42 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         socket = %cfg.socket.display(), encryption = ?cfg.encryption, "starting ear-sidecar");
     create_data_dir(&cfg.data_dir)?;
     let _dir_lock = lock_data_dir(&cfg.data_dir)?;
+    // Core dumps off before any key material exists.
+    memory::harden_process(false).log();
     let encryption_on = cfg.encryption == Encryption::On;
+    // [metrics: start] the metrics/health HTTP listener starts first, so
+    // /livez answers while keys are unwrapped; /readyz waits for `ready`.
+    let health = Arc::new(Health::default());
+    let metrics_layer = match cfg.metrics_addr {
+        Some(addr) => Some(
+            ear_sidecar::metrics::start(addr, Arc::clone(&health), encryption_on)
+                .await
+                .context("start the metrics listener (--metrics-addr; empty disables)")?
+                .0,
+        ),
+        None => None,
+    };
 
     let existing = Registry::load(&cfg.data_dir)?;
-    let provider: Option<Box<dyn KeyProvider>> = match &cfg.kms {
+    if let Some(r) = &existing {
+        // The encryption mode is checked before any provider is opened, so a
+        // plaintext directory started with encryption on says exactly that.
+        if r.encryption_on() != encryption_on {
+            r.check_compatible(encryption_on, None)?;
+        }
+    }
+    // With a file-size limit (RLIMIT_FSIZE) a write past it raises SIGXFSZ,
+    // whose default action kills the process. Handling the signal turns it into
+    // an EFBIG error on that one write (reported to the client as ENOSPC).
+    let _sigxfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(
+        rustix::process::Signal::XFSZ.as_raw(),
+    ))
+    .context("install the SIGXFSZ handler")?;
+    // One deadline bounds all start-up KMS work (reachability, validation,
+    // key generation, unwrap), so an unreachable KMS fails start-up in time.
+    let startup_deadline = tokio::time::Instant::now() + cfg.kms_startup_timeout;
+    let mut aws_provider: Option<Arc<AwsKmsProvider>> = None;
+    let provider: Option<Arc<dyn KeyProvider>> = match &cfg.kms {
         None => None,
         Some(KmsConfig::Local { kek_file }) => {
             let p = LocalProvider::open_or_create(kek_file, existing.is_none())
@@ -120,43 +155,104 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
             tracing::warn!(kek_file = %kek_file.display(),
                 "using the local key provider: a KEK stored beside the data protects nothing \
                  in production; use --kms aws with a customer-managed key");
-            Some(Box::new(p))
+            Some(Arc::new(p))
         }
-        Some(KmsConfig::Aws { .. }) => {
-            bail!("the aws key provider is not available in this build yet")
+        Some(KmsConfig::Aws {
+            key_id,
+            endpoint,
+            region,
+        }) => {
+            let p = Arc::new(
+                AwsKmsProvider::new(&aws_options(key_id, endpoint, region))
+                    .await
+                    .context("AWS KMS key provider")?,
+            );
+            tracing::info!(key = %p.master_key_id(), endpoint = p.endpoint(),
+                "using the AWS KMS key provider");
+            aws_provider = Some(Arc::clone(&p));
+            Some(p)
         }
     };
-    let registry = match existing {
-        Some(r) => {
-            r.check_compatible(encryption_on, provider.as_deref())?;
-            r
+    if let Some(r) = &existing {
+        r.check_compatible(encryption_on, provider.as_deref())?;
+    }
+    if let Some(p) = &aws_provider {
+        // Wait (bounded) until KMS answers at all; then a new directory gets
+        // the managed service's key checks, an existing one a state check.
+        let state = startup_kms_call(
+            Some(p.as_ref()),
+            startup_deadline,
+            cfg.kms_startup_timeout,
+            || p.master_key_state(),
+        )
+        .await
+        .context("reach AWS KMS")?;
+        if existing.is_none() {
+            let left = startup_deadline.saturating_duration_since(tokio::time::Instant::now());
+            let report = tokio::time::timeout(left, p.validate())
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "validating AWS KMS key {} did not finish within the start-up \
+                         timeout ({:?}, --kms-startup-timeout)",
+                        p.master_key_id(),
+                        cfg.kms_startup_timeout
+                    )
+                })?;
+            log_validation(&report);
+            if !report.is_ok() {
+                bail!(
+                    "refusing to initialise data directory {}: {}",
+                    cfg.data_dir.display(),
+                    validation_failures(&report)
+                );
+            }
+            tracing::info!(key = %p.master_key_id(), "AWS KMS key passed all validation checks");
+        } else if let MasterKeyState::Revoked(why) = state {
+            bail!(
+                "AWS KMS reports master key {} unusable ({why}); refusing to start: \
+                 re-enable the key, then restart",
+                p.master_key_id()
+            );
         }
+    }
+    let registry = match existing {
+        Some(r) => r,
         None => {
             tracing::info!(data_dir = %cfg.data_dir.display(), encryption = encryption_on,
                 "initialising a new data directory");
-            Registry::create(&cfg.data_dir, encryption_on, provider.as_deref()).await?
+            let dir = cfg.data_dir.clone();
+            startup_kms_call(
+                aws_provider.as_deref(),
+                startup_deadline,
+                cfg.kms_startup_timeout,
+                || Registry::create(&dir, encryption_on, provider.as_deref()),
+            )
+            .await
+            .context("generate the universe key")?
         }
     };
     let keys = match &provider {
         Some(p) => {
             let t = std::time::Instant::now();
-            let ring = tokio::time::timeout(
+            let ring = startup_kms_call(
+                aws_provider.as_deref(),
+                startup_deadline,
                 cfg.kms_startup_timeout,
-                registry.unwrap_all(p.as_ref(), cfg.key_cache_size.get()),
+                || registry.unwrap_all(p.as_ref(), cfg.key_cache_size.get()),
             )
             .await
-            .map_err(|_| {
-                anyhow!(
-                    "unwrapping the universe key timed out after {:?}",
-                    cfg.kms_startup_timeout
-                )
-            })??;
+            .context("unwrap the universe key")?;
             tracing::info!(provider = p.kind(), versions = ?ring.snapshot().versions,
                 elapsed_ms = t.elapsed().as_millis() as u64, "universe keys unwrapped into memory");
             Some(Arc::new(ring))
         }
         None => None,
     };
+    if keys.is_some() {
+        // Now that the keys are in memory, keep their pages out of swap.
+        memory::harden_process(true).log();
+    }
     let dir_id: [u8; 16] = hex::decode(registry.dir_id())
         .ok()
         .and_then(|v| v.try_into().ok())
@@ -178,8 +274,10 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
             vec![]
         };
     let store = Arc::new(
-        tokio::task::block_in_place(|| Store::open(&cfg.data_dir, dir_id, keys.clone(), &specs))
-            .context("open exports")?,
+        tokio::task::block_in_place(|| {
+            Store::open_with(&cfg.data_dir, dir_id, keys.clone(), &specs, cfg.integrity)
+        })
+        .context("open exports")?,
     );
     for e in store.exports() {
         tracing::info!(
@@ -196,22 +294,212 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         allow_uids: (!cfg.allow_uids.is_empty()).then(|| cfg.allow_uids.clone()),
         ..ServerConfig::default()
     };
-    let health = Arc::new(Health::default());
-    // [metrics: start] the metrics/health HTTP listener starts here (before
-    // bind, so /livez answers while starting; /readyz waits for `ready`).
+    // Master-key revocation state, filled by the watcher spawned below.
+    let revocation_state = Arc::new(RevocationState::new());
+    // [metrics: wire] per-request series and scrape-time sources.
+    if let Some(m) = &metrics_layer {
+        m.register_exports(&store);
+        if let Some(k) = &keys {
+            m.set_key_ring(Arc::clone(k));
+            m.set_revocation(Arc::clone(&revocation_state));
+        }
+        if let Some(p) = &aws_provider {
+            m.set_kms_stats(p.stats());
+        }
+    }
     let listener = server::bind(&cfg.socket, cfg.socket_mode)?;
-    let shared = Shared::new(Arc::clone(&store), keys, server_cfg, Arc::clone(&health));
+    let shared = Shared::new(
+        Arc::clone(&store),
+        keys.clone(),
+        server_cfg,
+        Arc::clone(&health),
+    );
     health
         .ready
         .store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(socket = %cfg.socket.display(), "listening");
+    let (stop_watcher, watcher_stopped) = tokio::sync::oneshot::channel::<()>();
+    let watcher = spawn_revocation_watcher(
+        &cfg,
+        provider.clone(),
+        keys,
+        Arc::clone(&revocation_state),
+        Arc::clone(&health),
+        async {
+            let _ = watcher_stopped.await;
+        },
+    );
 
     server::run(listener, shared, shutdown_signal()).await;
+    let _ = stop_watcher.send(());
+    if let Some(w) = watcher {
+        let _ = w.await;
+    }
 
     tokio::task::block_in_place(|| store.flush_all()).context("final flush")?;
     let _ = std::fs::remove_file(&cfg.socket);
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// Options for the AWS provider from the resolved configuration; timeouts
+/// and retries keep the provider's defaults.
+fn aws_options(key_id: &str, endpoint: &Option<String>, region: &Option<String>) -> AwsKmsOptions {
+    let mut o = AwsKmsOptions::new(key_id);
+    o.endpoint = endpoint.clone();
+    o.region = region.clone();
+    o
+}
+
+/// Runs one start-up key-provider call before `deadline`. With AWS KMS,
+/// transient failures (unreachable, throttled) are retried until the deadline
+/// ([`aws::with_startup_deadline`]); other providers get a plain timeout.
+async fn startup_kms_call<T, F, Fut>(
+    aws_provider: Option<&AwsKmsProvider>,
+    deadline: tokio::time::Instant,
+    total: Duration,
+    mut op: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, KeyError>>,
+{
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    match aws_provider {
+        Some(p) => aws::with_startup_deadline(p.endpoint(), left, op)
+            .await
+            .map_err(|e| match e {
+                KeyError::Unavailable(_) => {
+                    anyhow!("{e}; giving up (start-up timeout {total:?}, --kms-startup-timeout)")
+                }
+                other => anyhow!(other),
+            }),
+        None => tokio::time::timeout(left, op())
+            .await
+            .map_err(|_| anyhow!("the key provider did not answer within {total:?}"))?
+            .map_err(|e| anyhow!(e)),
+    }
+}
+
+/// Logs each validation check (error level for failures).
+fn log_validation(report: &ValidationReport) {
+    for c in &report.checks {
+        match &c.outcome {
+            CheckOutcome::Passed(note) => tracing::info!(check = c.name, %note, "key check passed"),
+            CheckOutcome::Failed(msg) => tracing::error!(check = c.name, %msg, "key check FAILED"),
+            CheckOutcome::Skipped(why) => tracing::warn!(check = c.name, %why, "key check skipped"),
+        }
+    }
+}
+
+/// One message naming every failed (or skipped) check.
+fn validation_failures(report: &ValidationReport) -> String {
+    let mut out = format!(
+        "AWS KMS key {} failed validation ({} check(s) failed):",
+        report.key_arn,
+        report.failures().len()
+    );
+    for c in &report.checks {
+        match &c.outcome {
+            CheckOutcome::Failed(m) => out.push_str(&format!("\n  FAIL  {}: {m}", c.name)),
+            CheckOutcome::Skipped(w) => out.push_str(&format!("\n  skip  {}: {w}", c.name)),
+            CheckOutcome::Passed(_) => {}
+        }
+    }
+    out
+}
+
+/// Spawns the master-key revocation watcher when keys are in memory. When it
+/// fails closed (keys wiped, I/O answered with EIO), readiness is withdrawn.
+fn spawn_revocation_watcher(
+    cfg: &ServeConfig,
+    provider: Option<Arc<dyn KeyProvider>>,
+    keys: Option<Arc<ear_sidecar::crypto::KeyRing>>,
+    state: Arc<RevocationState>,
+    health: Arc<Health>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let (provider, ring) = (provider?, keys?);
+    let (interval, grace) = (cfg.kms_check_interval, cfg.kms_revocation_grace);
+    tracing::info!(
+        interval_secs = interval.as_secs_f64(),
+        grace_secs = grace.as_secs_f64(),
+        "master key revocation check running"
+    );
+    Some(tokio::spawn(async move {
+        watch_master_key(
+            provider,
+            ring,
+            interval,
+            grace,
+            Arc::clone(&state),
+            shutdown,
+        )
+        .await;
+        if state.is_failed_closed() {
+            health
+                .ready
+                .store(false, std::sync::atomic::Ordering::Release);
+            tracing::error!("not ready: the keys were wiped (failed closed); restart after re-enabling the master key");
+        }
+    }))
+}
+
+/// `validate-key`: the managed service's key checks, no data directory.
+/// Exit 0 when the key is usable, 1 when a check fails, 2 on bad options.
+fn validate_key_cmd(args: &ValidateKeyArgs) -> ExitCode {
+    {
+        use tracing_subscriber::EnvFilter;
+        let filter = std::env::var("RUST_LOG")
+            .ok()
+            .and_then(|v| EnvFilter::try_new(v).ok())
+            .unwrap_or_else(|| EnvFilter::new("error"));
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let (key_id, endpoint, region) = match args.kms_config() {
+        Ok(KmsConfig::Aws {
+            key_id,
+            endpoint,
+            region,
+        }) => (key_id, endpoint, region),
+        Ok(KmsConfig::Local { .. }) => {
+            eprintln!("ear-sidecar: configuration error: validate-key checks AWS KMS keys only");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("ear-sidecar: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = aws_options(&key_id, &endpoint, &region);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ear-sidecar: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let timeout = args.kms_startup_timeout;
+    match rt.block_on(async { tokio::time::timeout(timeout, aws::validate_key(&opts)).await }) {
+        Ok(report) => {
+            println!("{report}");
+            if report.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(_) => {
+            eprintln!(
+                "ear-sidecar: error: AWS KMS did not finish the key checks within {timeout:?} \
+                 (--kms-startup-timeout)"
+            );
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -248,4 +248,6 @@ pub async fn run(
 }
 
 /// Records one completed request (metrics hook; see the metrics module).
-pub fn observe(_shared: &Shared, _export: &crate::store::Export, _done: &handler::Completion) {}
+pub fn observe(_shared: &Shared, export: &crate::store::Export, done: &handler::Completion) {
+    crate::metrics::record_request(export.name(), done);
+}
