@@ -2,9 +2,16 @@
 //! phase with pipelined requests completing out of order.
 //!
 //! The connection owns its buffers. A reader loop parses requests and reads
-//! write payloads; each request runs on the blocking pool and hands its
-//! complete reply to a writer task through a channel. In-flight requests are
-//! bounded per connection (count) and server-wide (payload bytes), so a client
+//! write payloads. File I/O never blocks the async runtime: small reads
+//! (≤ 16 KiB) are first tried right there on the connection task with
+//! `preadv2(RWF_NOWAIT)`, which serves them from the page cache or gives up
+//! at once (not cached, or a write to the same blocks in progress); a hop to
+//! the blocking pool costs two thread wake-ups, more than such a read.
+//! Everything else, and every read that gave up, runs on the blocking pool.
+//! Either way the complete reply goes to a writer task through a channel,
+//! which coalesces waiting replies into one flush. In-flight requests are
+//! bounded per connection (count and bytes) and server-wide (payload bytes),
+//! and their budget is released only once the reply is written, so a client
 //! cannot make the server buffer without limit.
 
 use std::sync::Arc;
@@ -291,6 +298,32 @@ async fn discard(rd: &mut Reader, mut n: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Largest read or write executed on the connection task instead of the
+/// blocking pool.
+const INLINE_MAX: u32 = 16 << 10;
+
+/// Whether `kind` is tried on the connection task first: small reads, which
+/// are served from the page cache with `preadv2(RWF_NOWAIT)` and never wait
+/// for the disk or a lock (they fall back to the blocking pool when they
+/// would). Everything else — writes, flushes, trims, large transfers — runs
+/// on the blocking pool, so file I/O never blocks the async runtime.
+fn try_inline(kind: &RequestKind) -> bool {
+    matches!(*kind, RequestKind::Read { len, .. } if len <= INLINE_MAX)
+}
+
+/// Reads an `n`-byte write payload into a fresh buffer without zero-filling
+/// it first (bytes are appended straight from the socket buffer).
+async fn read_payload(rd: &mut Reader, n: usize) -> std::io::Result<Vec<u8>> {
+    let mut p = Vec::with_capacity(n);
+    while p.len() < n {
+        let want = (n - p.len()) as u64;
+        if (&mut *rd).take(want).read_buf(&mut p).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(p)
+}
+
 /// A reply ready to send, with the in-flight permits of its request: they are
 /// released only once the reply has been written to the socket, so a client
 /// that does not read its replies cannot make the server buffer them without
@@ -382,12 +415,24 @@ async fn transmission(
                 .await
                 .map_err(|_| std::io::Error::other("semaphore closed"))?;
             let payload = if let RequestKind::Write { len, .. } = req.kind {
-                let mut p = vec![0u8; len as usize];
-                rd.read_exact(&mut p).await?;
-                Some(p)
+                Some(read_payload(&mut rd, len as usize).await?)
             } else {
                 None
             };
+            if try_inline(&req.kind) {
+                // A cached small read costs less than a hop to the blocking
+                // pool (two thread wake-ups).
+                if let Some((reply, done)) =
+                    handler::try_cached_read(&export, req.cookie, req.kind, mode)
+                {
+                    let _ = tx.send(Outgoing {
+                        reply,
+                        _permits: Some([slot, mine, budget]),
+                    });
+                    crate::server::observe(&shared, &export, &done);
+                    continue;
+                }
+            }
             let export = Arc::clone(&export);
             let tx = tx.clone();
             let shared2 = Arc::clone(&shared);

@@ -79,7 +79,7 @@ pub fn execute(
     let t0 = Instant::now();
     let (reply, op, bytes, res) = match kind {
         RequestKind::Read { offset, len, .. } => {
-            let (reply, res) = read(export, cookie, offset, len, mode);
+            let (reply, res) = read(export, cookie, offset, len, mode, false);
             return finish(reply, Op::Read, u64::from(len), res, t0);
         }
         RequestKind::Write { offset, len, fua } => {
@@ -209,19 +209,47 @@ fn error_reply(cookie: u64, e: &StoreError, mode: ReplyMode) -> Bytes {
     b.freeze()
 }
 
+/// Serves a READ from the page cache without blocking, for the connection's
+/// async task. `None` when it would have to wait (data not cached, a write
+/// in progress): the caller then runs the request on the blocking pool.
+pub fn try_cached_read(
+    export: &Export,
+    cookie: u64,
+    kind: RequestKind,
+    mode: ReplyMode,
+) -> Option<(Bytes, Completion)> {
+    let RequestKind::Read { offset, len, .. } = kind else {
+        return None;
+    };
+    let t0 = Instant::now();
+    let (reply, res) = read(export, cookie, offset, len, mode, true);
+    if let Err(StoreError::WouldBlock) = res {
+        return None;
+    }
+    Some(finish(reply, Op::Read, u64::from(len), res, t0))
+}
+
 fn read(
     export: &Export,
     cookie: u64,
     offset: u64,
     len: u32,
     mode: ReplyMode,
+    nowait: bool,
 ) -> (Bytes, Result<IoStats, StoreError>) {
     let n = len as usize;
     // The reply header is written in front of the data in the same buffer,
     // so the whole reply goes out in one write.
     let hdr = if mode.structured { 28 } else { 16 };
     let mut buf = vec![0u8; hdr + n];
-    let res = export.read(offset, &mut buf[hdr..]);
+    let res = if nowait {
+        export.try_read_cached(offset, &mut buf[hdr..])
+    } else {
+        export.read(offset, &mut buf[hdr..])
+    };
+    if let Err(StoreError::WouldBlock) = res {
+        return (Bytes::new(), res);
+    }
     match &res {
         Ok(_) => {
             let mut h = BytesMut::with_capacity(hdr);

@@ -23,7 +23,7 @@ use crate::crypto::{fill_random, BlockCipher, FileKeys, KeyRing, NONCE_LEN};
 /// Time a request spent in the cipher and in backing storage.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct IoStats {
-    /// AES-CTR encrypt/decrypt time.
+    /// AES-CTR encrypt/decrypt, block checksum and tag time.
     pub crypto: Duration,
     /// pread/pwrite/fdatasync/fallocate time.
     pub storage: Duration,
@@ -79,6 +79,43 @@ fn read_full_at(file: &File, mut buf: &mut [u8], mut off: u64) -> std::io::Resul
         }
     }
     Ok(())
+}
+
+/// Reads `buf.len()` bytes at `off`; with `nowait`, only from the page cache
+/// (`preadv2(RWF_NOWAIT)`): anything that would wait for the disk, including
+/// a partly cached range, is `ErrorKind::WouldBlock`.
+fn read_at(file: &File, buf: &mut [u8], off: u64, nowait: bool) -> std::io::Result<()> {
+    if !nowait {
+        return read_full_at(file, buf, off);
+    }
+    use rustix::io::{preadv2, ReadWriteFlags};
+    let want = buf.len();
+    match preadv2(
+        file,
+        &mut [std::io::IoSliceMut::new(buf)],
+        off,
+        ReadWriteFlags::NOWAIT,
+    ) {
+        Ok(n) if n == want => Ok(()),
+        // Short (partly cached, or end of file: the blocking path reports
+        // truncation properly), would block, or not supported here.
+        Ok(_) => Err(std::io::ErrorKind::WouldBlock.into()),
+        Err(e) if e == rustix::io::Errno::AGAIN || e == rustix::io::Errno::OPNOTSUPP => {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// How a segment read treats an entry/data mismatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadMode {
+    /// Retry once under the block lock (a write may be in progress).
+    Retry,
+    /// Already under the lock: a mismatch is a torn or damaged block.
+    Locked,
+    /// Never block: page cache only, no locks; give up with `WouldBlock`.
+    NoWait,
 }
 
 enum ZeroMode {
@@ -348,6 +385,14 @@ impl Export {
         self.write_headers()
     }
 
+    fn read_err(&self, what: &str, source: std::io::Error) -> StoreError {
+        if source.kind() == std::io::ErrorKind::WouldBlock {
+            StoreError::WouldBlock
+        } else {
+            self.io_err(what, source)
+        }
+    }
+
     fn io_err(&self, what: &str, source: std::io::Error) -> StoreError {
         StoreError::Io {
             what: format!("{what} {}", self.path.display()),
@@ -370,6 +415,21 @@ impl Export {
 
     /// Reads `out.len()` plaintext bytes at `offset`.
     pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<IoStats, StoreError> {
+        self.read_impl(offset, out, false)
+    }
+
+    /// Like [`Export::read`], but never blocks: entries and data are read
+    /// with `preadv2(RWF_NOWAIT)`, so the call returns
+    /// [`StoreError::WouldBlock`] instead of waiting for the disk when they are
+    /// not all in the page cache, and instead of waiting for a block lock
+    /// when a write to the same blocks is in progress. The server uses it to
+    /// serve small cached reads on its async workers and sends the rest to the
+    /// blocking pool.
+    pub fn try_read_cached(&self, offset: u64, out: &mut [u8]) -> Result<IoStats, StoreError> {
+        self.read_impl(offset, out, true)
+    }
+
+    fn read_impl(&self, offset: u64, out: &mut [u8], nowait: bool) -> Result<IoStats, StoreError> {
         let mut st = IoStats::default();
         if out.is_empty() {
             return Ok(st);
@@ -385,11 +445,16 @@ impl Export {
             let lo = seg_start.max(offset);
             let hi = seg_end.min(end);
             let out_part = &mut out[(lo - offset) as usize..(hi - offset) as usize];
+            let mode = if nowait {
+                ReadMode::NoWait
+            } else {
+                ReadMode::Retry
+            };
             if lo == seg_start && hi == seg_end {
-                self.read_segment(b, seg_last, out_part, false, &mut st)?;
+                self.read_segment(b, seg_last, out_part, mode, &mut st)?;
             } else {
                 let mut scratch = vec![0u8; (seg_end - seg_start) as usize];
-                self.read_segment(b, seg_last, &mut scratch, false, &mut st)?;
+                self.read_segment(b, seg_last, &mut scratch, mode, &mut st)?;
                 out_part.copy_from_slice(
                     &scratch[(lo - seg_start) as usize..(hi - seg_start) as usize],
                 );
@@ -400,127 +465,131 @@ impl Export {
     }
 
     /// Reads and decrypts whole blocks `first..=last` (one group) into `buf`.
-    /// Without `locked`, a mismatch between entry and data (a concurrent write)
-    /// is retried once under the range lock before it counts as corruption.
+    /// In [`ReadMode::Retry`], a mismatch between entry and data (a concurrent
+    /// write) is retried once under the range lock before it counts as
+    /// corruption.
     fn read_segment(
         &self,
         first: u64,
         last: u64,
         buf: &mut [u8],
-        locked: bool,
+        mode: ReadMode,
         st: &mut IoStats,
     ) -> Result<(), StoreError> {
         let n = (last - first + 1) as usize;
         debug_assert_eq!(buf.len(), n * BLOCK_SIZE);
         let mut entries = vec![0u8; n * ENTRY_SIZE];
+        let nowait = mode == ReadMode::NoWait;
         timed(&mut st.storage, || {
-            read_full_at(&self.file, &mut entries, format::entry_offset(first))
+            read_at(
+                &self.file,
+                &mut entries,
+                format::entry_offset(first),
+                nowait,
+            )
         })
-        .map_err(|source| self.io_err("read entries of", source))?;
+        .map_err(|source| self.read_err("read entries of", source))?;
         if entries.iter().all(|&x| x == 0) {
             buf.fill(0);
             return Ok(());
         }
         timed(&mut st.storage, || {
-            read_full_at(&self.file, buf, format::data_offset(first))
+            read_at(&self.file, buf, format::data_offset(first), nowait)
         })
-        .map_err(|source| self.io_err("read", source))?;
-        // Pass 1: decode and check every block before touching any.
-        let mut states = Vec::with_capacity(n);
-        let mut mismatch = None;
-        for (i, (e, blk)) in entries
-            .chunks_exact(ENTRY_SIZE)
-            .zip(buf.chunks_exact(BLOCK_SIZE))
-            .enumerate()
-        {
-            let block = first + i as u64;
-            let state = Entry::decode(e).map_err(|e| StoreError::Corrupt {
+        .map_err(|source| self.read_err("read", source))?;
+        let t = Instant::now();
+        let checked = self.check_and_decrypt(first, &entries, buf);
+        st.crypto += t.elapsed();
+        match (checked?, mode) {
+            (None, _) => Ok(()),
+            (Some(_), ReadMode::NoWait) => Err(StoreError::WouldBlock),
+            (Some(block), ReadMode::Locked) => Err(StoreError::Corrupt {
                 export: self.name.clone(),
                 block,
-                why: e.to_string(),
-            })?;
-            if let EntryState::Written(en) = &state {
-                if !en.matches(blk) {
-                    mismatch = Some(block);
-                    break;
-                }
+                why: "block does not match its entry (torn write or damaged data)".into(),
+            }),
+            (Some(_), ReadMode::Retry) => {
+                let _g = self.locks.lock(first, last);
+                self.read_segment(first, last, buf, ReadMode::Locked, st)
             }
-            states.push(state);
         }
-        if let Some(block) = mismatch {
-            if locked {
-                return Err(StoreError::Corrupt {
-                    export: self.name.clone(),
-                    block,
-                    why: "block does not match its entry (torn write or damaged data)".into(),
-                });
-            }
-            let _g = self.locks.lock(first, last);
-            return self.read_segment(first, last, buf, true, st);
-        }
-        // Pass 2: authenticate (integrity mode) and decrypt.
+    }
+
+    /// Checks each block of a segment against its entry, authenticates it
+    /// (integrity mode) and decrypts it while it is still in L1: one pass
+    /// over the data instead of two. Returns the first block whose data does
+    /// not match its entry (a write in progress, or damage); the caller then
+    /// re-reads the whole segment, so blocks already decrypted here are
+    /// never returned.
+    fn check_and_decrypt(
+        &self,
+        first: u64,
+        entries: &[u8],
+        buf: &mut [u8],
+    ) -> Result<Option<u64>, StoreError> {
         let gmac = self.header.integrity == Integrity::Gmac;
         let mut cached: Option<(u32, Arc<FileKeys>)> = None;
-        for (i, (state, blk)) in states
-            .iter()
+        for (i, (e, blk)) in entries
+            .chunks_exact(ENTRY_SIZE)
             .zip(buf.chunks_exact_mut(BLOCK_SIZE))
             .enumerate()
         {
             let block = first + i as u64;
-            let corrupt = |why: &str| StoreError::Corrupt {
+            let corrupt = |why: String| StoreError::Corrupt {
                 export: self.name.clone(),
                 block,
-                why: why.into(),
+                why,
             };
-            match state {
-                EntryState::Unwritten => blk.fill(0),
-                EntryState::Written(en) => {
-                    if !gmac && en.tag != [0; format::TAG_LEN] {
-                        return Err(corrupt("tag set in a file without per-block integrity"));
+            let en = match Entry::decode(e).map_err(|e| corrupt(e.to_string()))? {
+                EntryState::Unwritten => {
+                    blk.fill(0);
+                    continue;
+                }
+                EntryState::Written(en) => en,
+            };
+            if !en.matches(blk) {
+                return Ok(Some(block));
+            }
+            if !gmac && en.tag != [0; format::TAG_LEN] {
+                return Err(corrupt(
+                    "tag set in a file without per-block integrity".into(),
+                ));
+            }
+            match &self.keys {
+                None => {
+                    if en.key_version != 0 || en.nonce != [0; NONCE_LEN] {
+                        return Err(corrupt("encrypted block in an unencrypted export".into()));
                     }
-                    match &self.keys {
-                        None => {
-                            if en.key_version != 0 || en.nonce != [0; NONCE_LEN] {
-                                return Err(corrupt("encrypted block in an unencrypted export"));
-                            }
+                }
+                Some(ring) => {
+                    let keys = match &cached {
+                        Some((v, k)) if *v == en.key_version => Arc::clone(k),
+                        _ => {
+                            let k = ring.file_keys(&self.header.file_id, en.key_version)?;
+                            cached = Some((en.key_version, Arc::clone(&k)));
+                            k
                         }
-                        Some(ring) => {
-                            let keys = match &cached {
-                                Some((v, k)) if *v == en.key_version => Arc::clone(k),
-                                _ => {
-                                    let k =
-                                        ring.file_keys(&self.header.file_id, en.key_version)?;
-                                    cached = Some((en.key_version, Arc::clone(&k)));
-                                    k
-                                }
-                            };
-                            if gmac {
-                                let ok = timed(&mut st.crypto, || {
-                                    keys.verify_block_tag(
-                                        &en.tag,
-                                        &en.nonce,
-                                        &self.header.file_id,
-                                        block,
-                                        en.key_version,
-                                        blk,
-                                    )
-                                });
-                                if !ok {
-                                    return Err(StoreError::AuthFailed {
-                                        export: self.name.clone(),
-                                        block,
-                                    });
-                                }
-                            }
-                            timed(&mut st.crypto, || {
-                                BlockCipher::new(keys.data_cipher()).apply(&en.nonce, blk)
-                            });
-                        }
+                    };
+                    if gmac
+                        && !keys.verify_block_tag(
+                            &en.tag,
+                            &en.nonce,
+                            &self.header.file_id,
+                            block,
+                            en.key_version,
+                            blk,
+                        )
+                    {
+                        return Err(StoreError::AuthFailed {
+                            export: self.name.clone(),
+                            block,
+                        });
                     }
+                    BlockCipher::new(keys.data_cipher()).apply(&en.nonce, blk);
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     // ---- writes -------------------------------------------------------------
@@ -541,12 +610,18 @@ impl Export {
                 let mut buf = vec![0u8; ((last - first + 1) as usize) * BLOCK_SIZE];
                 let lb = buf.len() - BLOCK_SIZE;
                 if !offset.is_multiple_of(BLOCK_SIZE_U64) {
-                    self.read_segment(first, first, &mut buf[..BLOCK_SIZE], true, &mut st)?;
+                    self.read_segment(
+                        first,
+                        first,
+                        &mut buf[..BLOCK_SIZE],
+                        ReadMode::Locked,
+                        &mut st,
+                    )?;
                 }
                 if !end.is_multiple_of(BLOCK_SIZE_U64)
                     && (last != first || offset.is_multiple_of(BLOCK_SIZE_U64))
                 {
-                    self.read_segment(last, last, &mut buf[lb..], true, &mut st)?;
+                    self.read_segment(last, last, &mut buf[lb..], ReadMode::Locked, &mut st)?;
                 }
                 let at = (offset - first * BLOCK_SIZE_U64) as usize;
                 buf[at..at + data.len()].copy_from_slice(data);
@@ -580,37 +655,12 @@ impl Export {
             let seg_n = ((GROUP_BLOCKS - b % GROUP_BLOCKS) as usize).min(n - done);
             let seg = &mut buf[done * BLOCK_SIZE..(done + seg_n) * BLOCK_SIZE];
             let seg_nonces = &mut nonces[done * NONCE_LEN..(done + seg_n) * NONCE_LEN];
-            if let Some(k) = &keys {
-                let cipher = BlockCipher::new(k.data_cipher());
-                timed(&mut st.crypto, || {
-                    for (blk, nonce) in seg
-                        .chunks_exact_mut(BLOCK_SIZE)
-                        .zip(seg_nonces.chunks_exact(NONCE_LEN))
-                    {
-                        let mut nn = [0u8; NONCE_LEN];
-                        nn.copy_from_slice(nonce);
-                        cipher.apply(&nn, blk);
-                    }
-                });
-            }
+            // Encrypt, tag and checksum each block while it is still in L1:
+            // one pass over the segment instead of two.
             let mut entries = vec![0u8; seg_n * ENTRY_SIZE];
-            let gmac = self.header.integrity == Integrity::Gmac;
-            for (i, ((blk, nonce), slot)) in seg
-                .chunks_exact(BLOCK_SIZE)
-                .zip(seg_nonces.chunks_exact(NONCE_LEN))
-                .zip(entries.chunks_exact_mut(ENTRY_SIZE))
-                .enumerate()
-            {
-                let mut nn = [0u8; NONCE_LEN];
-                nn.copy_from_slice(nonce);
-                let mut entry = Entry::for_block(nn, version, blk);
-                if let (true, Some(k)) = (gmac, &keys) {
-                    entry.tag = timed(&mut st.crypto, || {
-                        k.block_tag(&nn, &self.header.file_id, b + i as u64, version, blk)
-                    });
-                }
-                entry.encode(slot);
-            }
+            timed(&mut st.crypto, || {
+                self.seal_blocks(keys.as_deref(), version, b, seg, seg_nonces, &mut entries)
+            });
             // Data first, then entries: a crash in between leaves a block whose
             // entry does not match (detected on read), never silent garbage.
             timed(&mut st.storage, || {
@@ -622,6 +672,38 @@ impl Export {
             b += seg_n as u64;
         }
         Ok(())
+    }
+
+    /// Encrypts (when `keys` is set), tags (integrity mode) and checksums
+    /// whole blocks starting at block `b0`, writing one entry per block.
+    fn seal_blocks(
+        &self,
+        keys: Option<&FileKeys>,
+        version: u32,
+        b0: u64,
+        seg: &mut [u8],
+        nonces: &[u8],
+        entries: &mut [u8],
+    ) {
+        let gmac = self.header.integrity == Integrity::Gmac;
+        let file_id = &self.header.file_id;
+        for (i, ((blk, nonce), slot)) in seg
+            .chunks_exact_mut(BLOCK_SIZE)
+            .zip(nonces.chunks_exact(NONCE_LEN))
+            .zip(entries.chunks_exact_mut(ENTRY_SIZE))
+            .enumerate()
+        {
+            let mut nn = [0u8; NONCE_LEN];
+            nn.copy_from_slice(nonce);
+            if let Some(k) = keys {
+                BlockCipher::new(k.data_cipher()).apply(&nn, blk);
+            }
+            let mut entry = Entry::for_block(nn, version, blk);
+            if let (true, Some(k)) = (gmac, keys) {
+                entry.tag = k.block_tag(&nn, file_id, b0 + i as u64, version, blk);
+            }
+            entry.encode(slot);
+        }
     }
 
     /// NBD_CMD_WRITE_ZEROES: the range reads as zeros afterwards. Whole blocks

@@ -331,8 +331,7 @@ impl Entry {
         if flags != FLAG_WRITTEN {
             return Err(EntryError("unknown flags"));
         }
-        if s[24..TAG_AT].iter().any(|&x| x != 0) || s[TAG_AT + TAG_LEN..].iter().any(|&x| x != 0)
-        {
+        if s[24..TAG_AT].iter().any(|&x| x != 0) || s[TAG_AT + TAG_LEN..].iter().any(|&x| x != 0) {
             return Err(EntryError("reserved bytes set"));
         }
         let mut nonce = [0u8; NONCE_LEN];

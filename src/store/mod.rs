@@ -56,6 +56,11 @@ pub enum StoreError {
         /// Block index.
         block: u64,
     },
+    /// A non-blocking read could not be served from the page cache (or met
+    /// a write in progress): retry it on the blocking pool. Never sent to a
+    /// client.
+    #[error("would block")]
+    WouldBlock,
     /// A request outside the export.
     #[error("range {offset}+{len} is outside the export of {size} bytes")]
     OutOfRange {
@@ -111,6 +116,7 @@ impl StoreError {
             StoreError::BadHeader { .. } => "bad_header",
             StoreError::Corrupt { .. } => "corrupt",
             StoreError::AuthFailed { .. } => "auth_failed",
+            StoreError::WouldBlock => "would_block",
             StoreError::OutOfRange { .. } => "range",
             StoreError::Shrink { .. } | StoreError::Config(_) => "config",
             StoreError::Crypto(CryptoError::FailedClosed(_)) => "failed_closed",
@@ -258,14 +264,8 @@ impl Store {
                 None => {
                     let path = dir.join(format!("{}{SUFFIX}", spec.name));
                     tracing::info!(export = %spec.name, size = spec.size, "creating export");
-                    let e = Export::create(
-                        &path,
-                        &spec.name,
-                        spec.size,
-                        dir_id,
-                        keys.clone(),
-                        mode,
-                    )?;
+                    let e =
+                        Export::create(&path, &spec.name, spec.size, dir_id, keys.clone(), mode)?;
                     exports.insert(spec.name.clone(), e);
                 }
             }

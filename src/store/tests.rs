@@ -264,9 +264,11 @@ fn fix_crc(path: &Path, block: u64) {
         .open(path)
         .unwrap();
     let mut ent = [0u8; 64];
-    f.read_exact_at(&mut ent, format::entry_offset(block)).unwrap();
+    f.read_exact_at(&mut ent, format::entry_offset(block))
+        .unwrap();
     let mut data = vec![0u8; BLOCK_SIZE];
-    f.read_exact_at(&mut data, format::data_offset(block)).unwrap();
+    f.read_exact_at(&mut data, format::data_offset(block))
+        .unwrap();
     let crc = crc32c::crc32c_append(crc32c::crc32c(&ent[..20]), &data);
     f.write_all_at(&crc.to_le_bytes(), format::entry_offset(block) + 20)
         .unwrap();
@@ -299,7 +301,10 @@ fn integrity_round_trip_and_header_mode() {
     drop(s);
     // Reopened without asking for integrity: the header keeps it.
     let s = Store::open(d.path(), DIR_ID, Some(ring_with([20; 32])), &[]).unwrap();
-    assert_eq!(s.get("t").unwrap().header().integrity, format::Integrity::Gmac);
+    assert_eq!(
+        s.get("t").unwrap().header().integrity,
+        format::Integrity::Gmac
+    );
     let mut out = vec![0u8; orig.len()];
     s.get("t").unwrap().read(777, &mut out).unwrap();
     assert_eq!(out, orig);
@@ -370,11 +375,20 @@ fn integrity_detects_swapped_and_transplanted_blocks() {
     write_rec(a.path(), 0, &r1);
     write_rec(a.path(), 1, &r0);
     let mut out = vec![0u8; 4096];
-    assert!(matches!(a.read(0, &mut out), Err(StoreError::AuthFailed { block: 0, .. })));
-    assert!(matches!(a.read(4096, &mut out), Err(StoreError::AuthFailed { block: 1, .. })));
+    assert!(matches!(
+        a.read(0, &mut out),
+        Err(StoreError::AuthFailed { block: 0, .. })
+    ));
+    assert!(matches!(
+        a.read(4096, &mut out),
+        Err(StoreError::AuthFailed { block: 1, .. })
+    ));
     // Copy block 0 of b into block 0 of a (same universe key, other file).
     write_rec(a.path(), 0, &read_rec(b.path(), 0));
-    assert!(matches!(a.read(0, &mut out), Err(StoreError::AuthFailed { .. })));
+    assert!(matches!(
+        a.read(0, &mut out),
+        Err(StoreError::AuthFailed { .. })
+    ));
     b.read(0, &mut out).unwrap();
     assert_eq!(out, vec![3u8; 4096]);
 }
@@ -401,4 +415,29 @@ fn integrity_needs_encryption() {
     let d = tempfile::tempdir().unwrap();
     let err = Store::open_with(d.path(), DIR_ID, None, &[spec("t", 1 << 20)], true).unwrap_err();
     assert!(err.to_string().contains("needs encryption"), "{err}");
+}
+
+#[test]
+fn cached_reads_never_block_and_agree_with_blocking_reads() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path(), Some(ring_with([24; 32])), 1 << 20);
+    let e = s.get("t").unwrap();
+    e.write(8192, &mut vec![0x77u8; 8192], true).unwrap();
+    let mut out = vec![0u8; 8192];
+    // Just written: in the page cache.
+    e.try_read_cached(8192, &mut out).unwrap();
+    assert_eq!(out, vec![0x77u8; 8192]);
+    // Drop the (clean, synced) pages: a cached read now gives up rather
+    // than waiting for the disk (or, if the kernel kept them, still answers
+    // correctly); the blocking read always answers.
+    let f = std::fs::File::open(e.path()).unwrap();
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    let mut out = vec![0u8; 8192];
+    match e.try_read_cached(8192, &mut out) {
+        Err(StoreError::WouldBlock) => {}
+        Ok(_) => assert_eq!(out, vec![0x77u8; 8192]),
+        Err(other) => panic!("{other}"),
+    }
+    e.read(8192, &mut out).unwrap();
+    assert_eq!(out, vec![0x77u8; 8192]);
 }
