@@ -38,6 +38,18 @@ fn fix_crc(path: &std::path::Path) {
     f.write_all_at(&crc.to_le_bytes(), ENTRY3 + 20).unwrap();
 }
 
+/// Flips bit 7 of byte 100 of block 3's stored data.
+fn flip_bit(path: &std::path::Path) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, DATA3 + 100).unwrap();
+    f.write_all_at(&[b[0] ^ 0x80], DATA3 + 100).unwrap();
+}
+
 #[test]
 fn tampered_block_reads_as_eio_with_integrity_on() {
     require_tool("qemu-io");
@@ -61,15 +73,7 @@ fn tampered_block_reads_as_eio_with_integrity_on() {
 
     // Flip one ciphertext bit of block 3 and fix the CRC.
     let path = s.backing_file("default");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, DATA3 + 100).unwrap();
-    f.write_all_at(&[b[0] ^ 0x80], DATA3 + 100).unwrap();
-    drop(f);
+    flip_bit(&path);
     fix_crc(&path);
 
     s.start_again();
@@ -101,15 +105,7 @@ fn without_integrity_the_crc_alone_catches_damage_but_not_a_fixed_up_crc() {
     assert!(out.status.success(), "{}", out.both());
     s.stop();
     let path = s.backing_file("default");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, DATA3 + 100).unwrap();
-    f.write_all_at(&[b[0] ^ 0x80], DATA3 + 100).unwrap();
-    drop(f);
+    flip_bit(&path);
     s.start_again();
     let bad = qemu_io_any(&uri, &["read -P 0x5a 12k 4k"]);
     assert!(bad.both().contains("Input/output error"), "{}", bad.both());

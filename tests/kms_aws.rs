@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_sdk_kms::types::{KeySpec, KeyUsageType};
+use aws_sdk_kms::types::KeySpec;
 use ear_sidecar::crypto::{KeyRing, SecretKey};
 use ear_sidecar::keys::aws::{
     validate_key, with_startup_deadline, AwsKmsOptions, AwsKmsProvider, CheckOutcome, KmsOp,
@@ -20,7 +20,7 @@ use ear_sidecar::keys::aws::{
 use ear_sidecar::keys::revocation::{watch_master_key, MasterKeyHealth, RevocationState};
 use ear_sidecar::keys::{EncryptionContext, KeyError, KeyProvider, MasterKeyState, WrappedKey};
 
-use moto::{free_port, Moto};
+use moto::{free_port, kid, Moto};
 
 macro_rules! moto_or_skip {
     () => {
@@ -29,29 +29,6 @@ macro_rules! moto_or_skip {
             None => return,
         }
     };
-}
-
-async fn create_key(moto: &Moto, spec: KeySpec, multi_region: bool) -> String {
-    let out = moto
-        .admin_client()
-        .create_key()
-        .key_spec(spec)
-        .key_usage(KeyUsageType::EncryptDecrypt)
-        .multi_region(multi_region)
-        .description("ear-sidecar test")
-        .send()
-        .await
-        .expect("CreateKey on moto");
-    out.key_metadata()
-        .and_then(|m| m.arn())
-        .expect("CreateKey returned an ARN")
-        .to_string()
-}
-
-/// The key id part of an ARN (moto's DisableKey/EnableKey/ScheduleKeyDeletion
-/// fail with a 500 when given an ARN).
-fn kid(arn: &str) -> &str {
-    arn.rsplit('/').next().unwrap_or(arn)
 }
 
 fn opts(moto: &Moto, arn: &str) -> AwsKmsOptions {
@@ -86,7 +63,7 @@ fn failed(r: &ear_sidecar::keys::aws::ValidationReport, name: &str) -> String {
 #[tokio::test]
 async fn generate_unwrap_round_trip_with_context() {
     let moto = moto_or_skip!();
-    let arn = create_key(&moto, KeySpec::SymmetricDefault, false).await;
+    let arn = moto.create_key(KeySpec::SymmetricDefault, false).await;
     let p = provider(&moto, &arn).await;
     assert_eq!(p.kind(), "aws");
     assert_eq!(p.master_key_id(), arn);
@@ -118,7 +95,7 @@ async fn generate_unwrap_round_trip_with_context() {
 #[tokio::test]
 async fn different_context_or_tampered_blob_fails() {
     let moto = moto_or_skip!();
-    let arn = create_key(&moto, KeySpec::SymmetricDefault, false).await;
+    let arn = moto.create_key(KeySpec::SymmetricDefault, false).await;
     let p = provider(&moto, &arn).await;
     let wrapped = p.generate_wrapped(&ctx("dir-1")).await.expect("generate");
 
@@ -139,8 +116,8 @@ async fn different_context_or_tampered_blob_fails() {
 #[tokio::test]
 async fn blob_of_another_cmk_is_refused() {
     let moto = moto_or_skip!();
-    let a = create_key(&moto, KeySpec::SymmetricDefault, false).await;
-    let b = create_key(&moto, KeySpec::SymmetricDefault, false).await;
+    let a = moto.create_key(KeySpec::SymmetricDefault, false).await;
+    let b = moto.create_key(KeySpec::SymmetricDefault, false).await;
     let pa = provider(&moto, &a).await;
     let pb = provider(&moto, &b).await;
     let c = ctx("dir");
@@ -155,7 +132,7 @@ async fn blob_of_another_cmk_is_refused() {
 #[tokio::test]
 async fn validate_good_key() {
     let moto = moto_or_skip!();
-    let arn = create_key(&moto, KeySpec::SymmetricDefault, false).await;
+    let arn = moto.create_key(KeySpec::SymmetricDefault, false).await;
     let r = validate_key(&opts(&moto, &arn)).await;
     eprintln!("{r}");
     assert!(r.is_ok(), "{r}");
@@ -206,7 +183,7 @@ async fn validate_malformed_and_alias_arn() {
 #[tokio::test]
 async fn validate_rsa_key() {
     let moto = moto_or_skip!();
-    let arn = create_key(&moto, KeySpec::Rsa2048, false).await;
+    let arn = moto.create_key(KeySpec::Rsa2048, false).await;
     let r = validate_key(&opts(&moto, &arn)).await;
     eprintln!("{r}");
     let m = failed(&r, "KeySpec SYMMETRIC_DEFAULT");
@@ -217,7 +194,7 @@ async fn validate_rsa_key() {
 #[tokio::test]
 async fn validate_multi_region_key() {
     let moto = moto_or_skip!();
-    let arn = create_key(&moto, KeySpec::SymmetricDefault, true).await;
+    let arn = moto.create_key(KeySpec::SymmetricDefault, true).await;
     let r = validate_key(&opts(&moto, &arn)).await;
     eprintln!("{r}");
     let m = failed(&r, "single-region key");
@@ -228,7 +205,7 @@ async fn validate_multi_region_key() {
 #[tokio::test]
 async fn validate_disabled_key() {
     let moto = moto_or_skip!();
-    let arn = create_key(&moto, KeySpec::SymmetricDefault, false).await;
+    let arn = moto.create_key(KeySpec::SymmetricDefault, false).await;
     moto.admin_client()
         .disable_key()
         .key_id(kid(&arn))
@@ -245,7 +222,7 @@ async fn validate_disabled_key() {
 #[tokio::test]
 async fn key_state_follows_disable_enable_and_deletion() {
     let moto = moto_or_skip!();
-    let arn = create_key(&moto, KeySpec::SymmetricDefault, false).await;
+    let arn = moto.create_key(KeySpec::SymmetricDefault, false).await;
     let p = provider(&moto, &arn).await;
     let admin = moto.admin_client();
     assert_eq!(p.master_key_state().await.unwrap(), MasterKeyState::Enabled);
@@ -285,7 +262,7 @@ async fn key_state_follows_disable_enable_and_deletion() {
 async fn watcher_fails_closed_on_disable_and_survives_outage() {
     let mut moto = moto_or_skip!();
     let admin = moto.admin_client();
-    let arn = create_key(&moto, KeySpec::SymmetricDefault, false).await;
+    let arn = moto.create_key(KeySpec::SymmetricDefault, false).await;
     let p: Arc<dyn KeyProvider> = Arc::new(provider(&moto, &arn).await);
     let c = ctx("dir");
     let wrapped = p.generate_wrapped(&c).await.expect("generate");
@@ -430,7 +407,7 @@ async fn unreachable_kms_fails_fast_and_clearly() {
 #[tokio::test]
 async fn secret_key_never_in_debug() {
     let moto = moto_or_skip!();
-    let arn = create_key(&moto, KeySpec::SymmetricDefault, false).await;
+    let arn = moto.create_key(KeySpec::SymmetricDefault, false).await;
     let p = provider(&moto, &arn).await;
     let c = ctx("d");
     let w = p.generate_wrapped(&c).await.unwrap();

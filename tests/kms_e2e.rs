@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use aws_sdk_kms::types::{KeySpec, KeyUsageType};
+use aws_sdk_kms::types::KeySpec;
 
-use moto::{free_port, Moto};
+use moto::{free_port, kid, Moto};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ear-sidecar");
 
@@ -40,27 +40,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 fn create_key(moto: &Moto, spec: KeySpec, multi_region: bool) -> String {
-    block_on(async {
-        let out = moto
-            .admin_client()
-            .create_key()
-            .key_spec(spec)
-            .key_usage(KeyUsageType::EncryptDecrypt)
-            .multi_region(multi_region)
-            .description("ear-sidecar e2e test")
-            .send()
-            .await
-            .expect("CreateKey on moto");
-        out.key_metadata()
-            .and_then(|m| m.arn())
-            .expect("CreateKey returned an ARN")
-            .to_string()
-    })
-}
-
-/// moto's DisableKey/EnableKey want the bare key id, not the ARN.
-fn kid(arn: &str) -> &str {
-    arn.rsplit('/').next().unwrap_or(arn)
+    block_on(moto.create_key(spec, multi_region))
 }
 
 fn set_enabled(moto: &Moto, arn: &str, enabled: bool) {

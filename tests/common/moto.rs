@@ -136,3 +136,34 @@ impl Drop for Moto {
         self.stop();
     }
 }
+
+impl Moto {
+    /// Creates a KMS key on moto (`ENCRYPT_DECRYPT` usage) and returns its ARN.
+    pub async fn create_key(
+        &self,
+        spec: aws_sdk_kms::types::KeySpec,
+        multi_region: bool,
+    ) -> String {
+        let out = self
+            .admin_client()
+            .create_key()
+            .key_spec(spec)
+            .key_usage(aws_sdk_kms::types::KeyUsageType::EncryptDecrypt)
+            .multi_region(multi_region)
+            .description("ear-sidecar test")
+            .send()
+            .await
+            .expect("CreateKey on moto");
+        out.key_metadata()
+            .and_then(|m| m.arn())
+            .expect("CreateKey returned an ARN")
+            .to_string()
+    }
+}
+
+/// The key id part of an ARN (moto's DisableKey/EnableKey/ScheduleKeyDeletion
+/// fail with a 500 when given an ARN).
+#[allow(dead_code)] // not every test file uses it
+pub fn kid(arn: &str) -> &str {
+    arn.rsplit('/').next().unwrap_or(arn)
+}
