@@ -430,6 +430,10 @@ async fn transmission(
                         _permits: Some([slot, mine, budget]),
                     });
                     crate::server::observe(&shared, &export, &done);
+                    // Let the writer send this reply now rather than after
+                    // the whole batch of pipelined requests: the client can
+                    // submit its next request while we serve the rest.
+                    tokio::task::yield_now().await;
                     continue;
                 }
             }
