@@ -147,14 +147,7 @@ async fn negotiate(
                 );
                 wr.write_all(&out).await?;
                 wr.flush().await?;
-                let base_allocation = context_for(&meta, &export, structured);
-                return Ok(Negotiated::Go {
-                    export,
-                    mode: ReplyMode {
-                        structured,
-                        base_allocation,
-                    },
-                });
+                return Ok(go(&meta, export, structured));
             }
             Ok(ClientOption::Abort) => {
                 protocol::encode_rep_ack(&mut out, NBD_OPT_ABORT);
@@ -170,7 +163,7 @@ async fn negotiate(
                 protocol::encode_rep_ack(&mut out, NBD_OPT_LIST);
             }
             Ok(ClientOption::Info(req)) | Ok(ClientOption::Go(req)) => {
-                let go = h.option == NBD_OPT_GO;
+                let is_go = h.option == NBD_OPT_GO;
                 match resolve(shared, &req.name) {
                     None => protocol::encode_rep_error(
                         &mut out,
@@ -198,17 +191,10 @@ async fn negotiate(
                             protocol::encode_info_description(&mut out, h.option, d);
                         }
                         protocol::encode_rep_ack(&mut out, h.option);
-                        if go {
+                        if is_go {
                             wr.write_all(&out).await?;
                             wr.flush().await?;
-                            let base_allocation = context_for(&meta, &export, structured);
-                            return Ok(Negotiated::Go {
-                                export,
-                                mode: ReplyMode {
-                                    structured,
-                                    base_allocation,
-                                },
-                            });
+                            return Ok(go(&meta, export, structured));
                         }
                     }
                 }
@@ -276,14 +262,19 @@ async fn negotiate(
     }
 }
 
-fn context_for(
-    meta: &Option<(String, Option<u32>)>,
-    export: &Export,
-    structured: bool,
-) -> Option<u32> {
-    match meta {
+/// Enters transmission on `export`, with `base:allocation` selected if
+/// SET_META_CONTEXT chose it for this same export.
+fn go(meta: &Option<(String, Option<u32>)>, export: Arc<Export>, structured: bool) -> Negotiated {
+    let base_allocation = match meta {
         Some((name, id)) if structured && name == export.name() => *id,
         _ => None,
+    };
+    Negotiated::Go {
+        export,
+        mode: ReplyMode {
+            structured,
+            base_allocation,
+        },
     }
 }
 
