@@ -103,6 +103,8 @@ fn create_data_dir(dir: &Path) -> Result<()> {
 
 fn serve(cfg: ServeConfig) -> Result<()> {
     init_logging(&cfg);
+    // Before the runtime starts its threads: they inherit PR_SET_IO_FLUSHER.
+    memory::prepare_process().log();
     let rt = runtime()?;
     rt.block_on(serve_async(cfg))
 }
@@ -113,7 +115,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     create_data_dir(&cfg.data_dir)?;
     let _dir_lock = lock_data_dir(&cfg.data_dir)?;
     // Core dumps off before any key material exists.
-    memory::harden_process(false).log();
+    memory::harden_process().log();
     let encryption_on = cfg.encryption == Encryption::On;
     // [metrics: start] the metrics/health HTTP listener starts first, so
     // /livez answers while keys are unwrapped; /readyz waits for `ready`.
@@ -249,10 +251,6 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         }
         None => None,
     };
-    if keys.is_some() {
-        // Now that the keys are in memory, keep their pages out of swap.
-        memory::harden_process(true).log();
-    }
     let dir_id: [u8; 16] = hex::decode(registry.dir_id())
         .ok()
         .and_then(|v| v.try_into().ok())

@@ -1,4 +1,5 @@
-//! Best-effort process hardening for the unwrapped universe keys.
+//! Process hardening for the unwrapped universe keys, and process settings a
+//! userspace block server needs under a kernel block device.
 //!
 //! Keys live in [`crate::crypto::SecretKey`] (heap, zeroized on drop, redacted
 //! `Debug`). This module keeps them out of places the process does not control:
@@ -8,16 +9,22 @@
 //!   the process non-dumpable, which also suppresses core dumps via a
 //!   `core_pattern` pipe and stops same-user `ptrace` attach and reads of
 //!   `/proc/<pid>/mem` by other processes.
-//! * **Swap**: the crate forbids `unsafe`, so single pages cannot be
-//!   `mlock`ed. Instead, when asked, [`harden_process`] calls the safe
-//!   `mlockall(MCL_CURRENT | MCL_ONFAULT)`: every page mapped *at that moment*
-//!   (including the heap pages holding the keys, if called after the key ring
-//!   is built) stays in RAM once touched. `MCL_FUTURE` is deliberately not
-//!   used: under a low `RLIMIT_MEMLOCK` it makes later allocations and thread
-//!   stacks fail, which would turn hardening into an outage. Locking is best
-//!   effort; a failure (typically `ENOMEM`/`EPERM` from a small
-//!   `RLIMIT_MEMLOCK` without `CAP_IPC_LOCK`) is reported and logged as a
-//!   warning, never fatal. Encrypted swap remains the recommended setting.
+//! * **Swap**: [`prepare_process`] runs before any thread starts and calls
+//!   `mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)` when the process may
+//!   lock without limit (`CAP_IPC_LOCK` in its effective set, or an unlimited
+//!   `RLIMIT_MEMLOCK`). Every page the process touches from then on, including
+//!   the per-file key schedules derived later on pool threads, stays in RAM.
+//!   Under a finite `RLIMIT_MEMLOCK` without the capability, `MCL_FUTURE`
+//!   would make later allocations and thread stacks fail, turning hardening
+//!   into an outage, so memory is then not locked and one line says so (and
+//!   whether the node has swap at all: without swap nothing can be swapped).
+//! * **Reclaim deadlocks**: [`prepare_process`] also sets
+//!   `prctl(PR_SET_IO_FLUSHER)`. The kernel copies the flag into every thread
+//!   created afterwards, so all of them carry `PF_MEMALLOC_NOIO`: memory
+//!   reclaim triggered by the sidecar's own allocations never waits for I/O
+//!   on the NBD device the sidecar itself serves. Userspace block servers
+//!   (nbd, tcmu-runner, ublk servers) do the same. It needs
+//!   `CAP_SYS_RESOURCE`; without it one line says so.
 
 use std::fmt;
 
@@ -52,8 +59,6 @@ pub struct HardeningReport {
     pub core_rlimit_zero: StepOutcome,
     /// `PR_SET_DUMPABLE` 0.
     pub not_dumpable: StepOutcome,
-    /// `mlockall(MCL_CURRENT | MCL_ONFAULT)`.
-    pub memory_locked: StepOutcome,
 }
 
 impl HardeningReport {
@@ -67,7 +72,6 @@ impl HardeningReport {
         for (step, outcome) in [
             ("RLIMIT_CORE=0", &self.core_rlimit_zero),
             ("PR_SET_DUMPABLE=0", &self.not_dumpable),
-            ("mlockall(MCL_CURRENT|MCL_ONFAULT)", &self.memory_locked),
         ] {
             match outcome {
                 StepOutcome::Done => tracing::info!(step, "process hardening applied"),
@@ -86,25 +90,18 @@ impl fmt::Display for HardeningReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "RLIMIT_CORE=0: {}; non-dumpable: {}; memory locked: {}",
-            self.core_rlimit_zero, self.not_dumpable, self.memory_locked
+            "RLIMIT_CORE=0: {}; non-dumpable: {}",
+            self.core_rlimit_zero, self.not_dumpable
         )
     }
 }
 
-/// Disables core dumps and, when `lock_memory` is true, locks the currently
-/// mapped pages in RAM. Best effort: never fails, reports each step. Call it
-/// early (core dumps) and, for `lock_memory`, after the key ring is built.
+/// Disables core dumps. Best effort: never fails, reports each step.
 /// Idempotent.
-pub fn harden_process(lock_memory: bool) -> HardeningReport {
+pub fn harden_process() -> HardeningReport {
     HardeningReport {
         core_rlimit_zero: disable_core_rlimit(),
         not_dumpable: set_not_dumpable(),
-        memory_locked: if lock_memory {
-            lock_current_memory()
-        } else {
-            StepOutcome::NotRequested
-        },
     }
 }
 
@@ -142,20 +139,100 @@ fn set_not_dumpable() -> StepOutcome {
     StepOutcome::NotSupported
 }
 
+/// What [`prepare_process`] achieved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessReport {
+    /// `prctl(PR_SET_IO_FLUSHER, 1)`.
+    pub io_flusher: StepOutcome,
+    /// `mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)`.
+    pub memory_locked: StepOutcome,
+    /// Whether the node has any swap configured (`/proc/swaps`); `None` when unknown.
+    pub swap_present: Option<bool>,
+}
+
+impl ProcessReport {
+    /// Logs one line per step: `info` for what took, `warn` for what did not and matters.
+    pub fn log(&self) {
+        match &self.io_flusher {
+            StepOutcome::Done => tracing::info!("PR_SET_IO_FLUSHER set: threads allocate without waiting for I/O on the device they serve"),
+            other => tracing::warn!(outcome = %other, "PR_SET_IO_FLUSHER not set: under memory pressure behind a kernel NBD device, reclaim may wait for this server (grant CAP_SYS_RESOURCE; see doc/kubernetes.md)"),
+        }
+        match (&self.memory_locked, self.swap_present) {
+            (StepOutcome::Done, _) => tracing::info!(
+                "all process memory locked in RAM (mlockall MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT)"
+            ),
+            (other, Some(false)) => {
+                tracing::info!(outcome = %other, "memory not locked; this node has no swap, so key material cannot be swapped out")
+            }
+            (other, _) => {
+                tracing::warn!(outcome = %other, "memory not locked: key material could be swapped out (grant CAP_IPC_LOCK or use encrypted swap; see doc/SECURITY.md)")
+            }
+        }
+    }
+}
+
+/// Process settings that must be in place before the async runtime starts
+/// any thread: `PR_SET_IO_FLUSHER` (inherited by every later thread) and,
+/// where locking is unlimited, `mlockall` of all current and future memory.
+/// Best effort: never fails, reports each step.
+pub fn prepare_process() -> ProcessReport {
+    ProcessReport {
+        io_flusher: set_io_flusher(),
+        memory_locked: lock_all_memory(),
+        swap_present: swap_present(),
+    }
+}
+
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn lock_current_memory() -> StepOutcome {
-    use rustix::mm::{mlockall, MlockAllFlags};
-    match mlockall(MlockAllFlags::CURRENT | MlockAllFlags::ONFAULT) {
+fn set_io_flusher() -> StepOutcome {
+    match rustix::process::configure_io_flusher_behavior(true) {
         Ok(()) => StepOutcome::Done,
-        Err(e) => StepOutcome::Failed(format!(
-            "{e} (raise RLIMIT_MEMLOCK or grant CAP_IPC_LOCK; use encrypted swap otherwise)"
-        )),
+        Err(e) => StepOutcome::Failed(e.to_string()),
     }
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn lock_current_memory() -> StepOutcome {
+fn set_io_flusher() -> StepOutcome {
     StepOutcome::NotSupported
+}
+
+/// True when `mlockall(MCL_FUTURE)` cannot make later allocations fail:
+/// the process holds `CAP_IPC_LOCK` or `RLIMIT_MEMLOCK` is unlimited.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn may_lock_without_limit() -> bool {
+    use rustix::process::{getrlimit, Resource};
+    use rustix::thread::{capabilities, CapabilitySet};
+    let unlimited = getrlimit(Resource::Memlock).current.is_none();
+    let cap = capabilities(None)
+        .map(|c| c.effective.contains(CapabilitySet::IPC_LOCK))
+        .unwrap_or(false);
+    unlimited || cap
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn lock_all_memory() -> StepOutcome {
+    use rustix::mm::{mlockall, MlockAllFlags};
+    if !may_lock_without_limit() {
+        return StepOutcome::Failed(
+            "no CAP_IPC_LOCK and RLIMIT_MEMLOCK is limited; locking future memory would make allocations fail".into(),
+        );
+    }
+    match mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT) {
+        Ok(()) => StepOutcome::Done,
+        Err(e) => StepOutcome::Failed(e.to_string()),
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn lock_all_memory() -> StepOutcome {
+    StepOutcome::NotSupported
+}
+
+/// Whether `/proc/swaps` lists any swap area (its first line is a header).
+fn swap_present() -> Option<bool> {
+    std::fs::read_to_string("/proc/swaps")
+        .ok()
+        .map(|s| s.lines().skip(1).any(|l| !l.trim().is_empty()))
 }
 
 #[cfg(test)]
@@ -165,8 +242,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn core_dumps_get_disabled() {
-        let r = harden_process(false);
-        assert_eq!(r.memory_locked, StepOutcome::NotRequested);
+        let r = harden_process();
         assert_eq!(r.core_rlimit_zero, StepOutcome::Done, "{r}");
         assert_eq!(r.not_dumpable, StepOutcome::Done, "{r}");
         assert!(r.core_dumps_disabled());
@@ -177,7 +253,26 @@ mod tests {
             Some(rustix::process::DumpableBehavior::NotDumpable)
         );
         // Idempotent.
-        assert!(harden_process(false).core_dumps_disabled());
+        assert!(harden_process().core_dumps_disabled());
+        r.log();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn io_flusher_takes_with_cap_sys_resource() {
+        let r = prepare_process();
+        let has_cap = rustix::thread::capabilities(None)
+            .map(|c| {
+                c.effective
+                    .contains(rustix::thread::CapabilitySet::SYS_RESOURCE)
+            })
+            .unwrap_or(false);
+        if has_cap {
+            assert_eq!(r.io_flusher, StepOutcome::Done, "{r:?}");
+            assert_eq!(rustix::process::is_io_flusher().ok(), Some(true));
+        } else {
+            assert!(matches!(r.io_flusher, StepOutcome::Failed(_)), "{r:?}");
+        }
         r.log();
     }
 
@@ -185,13 +280,11 @@ mod tests {
     fn display_mentions_every_step() {
         let r = HardeningReport {
             core_rlimit_zero: StepOutcome::Done,
-            not_dumpable: StepOutcome::NotSupported,
-            memory_locked: StepOutcome::Failed("ENOMEM".into()),
+            not_dumpable: StepOutcome::Failed("EPERM".into()),
         };
         let s = r.to_string();
         assert!(s.contains("RLIMIT_CORE=0: done"), "{s}");
-        assert!(s.contains("not supported"), "{s}");
-        assert!(s.contains("failed: ENOMEM"), "{s}");
+        assert!(s.contains("failed: EPERM"), "{s}");
         assert!(r.core_dumps_disabled());
     }
 }
