@@ -598,3 +598,34 @@ fn copy_tree(from: &Path, to: &Path) {
         std::fs::copy(from, to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
     }
 }
+
+/// The operator-facing scripts answer `--help` with their usage and exit 0, without running
+/// anything (fio-compare.sh would otherwise build and benchmark for minutes).
+#[test]
+fn scripts_print_usage_on_help() {
+    for (program, script, needle) in [
+        ("bash", "benches/fio-compare.sh", "Usage: benches/fio-compare.sh"),
+        ("python3", "deploy/k8s/validate.py", "Usage: validate.py"),
+    ] {
+        let path = root().join(script);
+        for flag in ["--help", "-h"] {
+            let start = std::time::Instant::now();
+            let o = run(program, &[path.as_os_str(), os(flag)], &root());
+            let out = must_succeed(&format!("{script} {flag}"), &o);
+            assert!(out.contains(needle), "{script} {flag} printed:\n{out}");
+            assert!(
+                o.stderr.is_empty(),
+                "{script} {flag} wrote to stderr:\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "{script} {flag} took {:?}: it ran instead of printing usage",
+                start.elapsed()
+            );
+        }
+        // A stray argument is a usage error (exit 2), not a run.
+        let o = run(program, &[path.as_os_str(), os("--bogus")], &root());
+        assert_eq!(o.status.code(), Some(2), "{script} --bogus");
+    }
+}

@@ -2,6 +2,7 @@
 """Offline checks of a rendered overlay (`kubectl kustomize deploy/k8s/overlays/<name>`).
 
 Usage: validate.py RENDERED.yaml OUTDIR
+       validate.py --help
 
 Writes into OUTDIR:
   core.yaml     the core Kubernetes objects, for `kubernetes-validate --strict`
@@ -136,7 +137,15 @@ def check_prometheusrule(obj, groups_out):
 
 
 def main():
-    rendered, outdir = sys.argv[1], sys.argv[2]
+    args = sys.argv[1:]
+    if args and args[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return
+    if len(args) != 2:
+        print("validate.py: expected RENDERED.yaml OUTDIR, got %d argument(s); see --help" % len(args),
+              file=sys.stderr)
+        sys.exit(2)
+    rendered, outdir = args
     with open(rendered) as f:
         docs = [d for d in yaml.safe_load_all(f) if d]
     core, groups = [], []
