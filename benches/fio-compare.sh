@@ -10,7 +10,7 @@
 # Environment:
 #   RUNTIME=10      seconds per fio job            ROUNDS=2   repetitions
 #   SIZE=512M       export size                    PEERS=0    1: add LUKS/qemu peers
-#   WORKLOADS="seqwrite seqread randwrite randread"
+#   WORKLOADS="seqwrite seqread randwrite randread"   (or any RW-BS-qdN, e.g. randread-64k-qd8)
 #   BIN=target/release/ear-sidecar                 NO_BUILD=0 1: do not run cargo build
 #   BASE_BIN=       another ear-sidecar binary (e.g. a build of the previous
 #                   commit): adds targets base-on / base-off for A/B in one run
@@ -191,6 +191,10 @@ job_args() { # workload -> fio arguments
         seqread) echo "--rw=read --bs=1M --iodepth=1" ;;
         randwrite) echo "--rw=randwrite --bs=4k --iodepth=4" ;;
         randread) echo "--rw=randread --bs=4k --iodepth=4" ;;
+        # Any other mix as RW-BS-qdN, e.g. randread-64k-qd8 (RW: read write randread randwrite).
+        *-*-qd*)
+            local rw=${1%%-*} rest=${1#*-}
+            echo "--rw=$rw --bs=${rest%%-qd*} --iodepth=${rest##*-qd}" ;;
         *) echo "fio-compare: unknown workload $1" >&2; return 1 ;;
     esac
 }
@@ -262,7 +266,7 @@ for w in workloads:
             j = json.loads(txt[txt.index("{"):])
             job = j["jobs"][0]
             d = job["write"] if "write" in w else job["read"]
-            tps.append(d["bw_bytes"] / 1e6 if w.startswith("seq") else d["iops"])
+            tps.append(d["bw_bytes"] / 1e6 if w.startswith("seq") or "-" in w else d["iops"])
             pct = d["clat_ns"].get("percentile", {})
             p99s.append(pct.get("99.000000", 0) / 1e3)
             p50s.append(pct.get("50.000000", 0) / 1e3)
@@ -283,7 +287,7 @@ for w in workloads:
         if tps:
             summary.setdefault(w, {})[t] = {
                 "throughput": statistics.mean(tps), "runs": tps,
-                "unit": "MB/s" if w.startswith("seq") else "IOPS",
+                "unit": "MB/s" if w.startswith("seq") or "-" in w else "IOPS",
                 "p50_us": statistics.median(p50s), "p99_us": statistics.median(p99s),
                 "server_cpu_pct": statistics.mean(cpus),
                 "server_cpu_s_per_gb": statistics.mean(cpu_per_gb) if cpu_per_gb else None,
