@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Offline checks of a rendered overlay (`kubectl kustomize deploy/k8s/overlays/<name>`).
+"""Offline checks of a rendered overlay (`kubectl kustomize deploy/k8s/examples/<name>`, or the Helm post-renderer's output).
 
 Usage: validate.py RENDERED.yaml OUTDIR
        validate.py --help
