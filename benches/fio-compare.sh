@@ -6,22 +6,36 @@
 # jobs (fio's nbd engine). Targets alternate per workload and the whole
 # sequence repeats ROUNDS times, so machine drift hits every target alike.
 #
-# Usage: benches/fio-compare.sh            (from the repository root)
+# Usage: benches/fio-compare.sh [--help]   (from the repository root)
 # Environment:
 #   RUNTIME=10      seconds per fio job            ROUNDS=2   repetitions
 #   SIZE=512M       export size                    PEERS=0    1: add LUKS/qemu peers
-#   WORKLOADS="seqwrite seqread randwrite randread"
+#   WORKLOADS="seqwrite seqread randwrite randread"   (or any RW-BS-qdN, e.g. randread-64k-qd8)
 #   BIN=target/release/ear-sidecar                 NO_BUILD=0 1: do not run cargo build
 #   BASE_BIN=       another ear-sidecar binary (e.g. a build of the previous
 #                   commit): adds targets base-on / base-off for A/B in one run
 #   RESULTS=benches/results/<timestamp>            raw fio JSON + summary.json
 #   TMPDIR_BASE=/tmp (backing files live here; use a real disk, not tmpfs, if you care)
+#   METRICS=0       1: run the sidecars with --metrics-addr on loopback and report, per job,
+#                   the EAR overhead ratio the alert rules compute (crypto seconds / request
+#                   seconds, from /metrics before and after the job) and the sidecar CPU
+#                   seconds per GB moved
 #
 # Output: machine info, then one table per workload: throughput (MB/s for
 # 1 MiB jobs, IOPS for 4 KiB jobs), p99 completion latency, server CPU use
 # (utime+stime of the server process over the job / wall time), and ratios
 # to `nbdkit file` and to ear-sidecar with encryption off.
 set -euo pipefail
+
+usage() {
+    # The header comment above, from "fio comparison" to the end of "Output:", is the usage text.
+    sed -n '2,/^set -euo pipefail/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
+}
+case "${1:-}" in
+    -h | --help) usage; exit 0 ;;
+    "") ;;
+    *) echo "fio-compare: unexpected argument '$1' (settings come from the environment; see --help)" >&2; exit 2 ;;
+esac
 
 cd "$(dirname "$0")/.."
 RUNTIME=${RUNTIME:-10}
@@ -30,6 +44,8 @@ SIZE=${SIZE:-512M}
 PEERS=${PEERS:-0}
 WORKLOADS=${WORKLOADS:-"seqwrite seqread randwrite randread"}
 BIN=${BIN:-target/release/ear-sidecar}
+METRICS=${METRICS:-0}
+METRICS_PORT=${METRICS_PORT:-19898}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RESULTS=${RESULTS:-benches/results/$STAMP}
 EXPORT=bench
@@ -48,7 +64,7 @@ fi
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)
 WORK=$(mktemp -d "${TMPDIR_BASE:-/tmp}/fio-compare.XXXXXX")
-declare -A PID SOCK URI
+declare -A PID SOCK URI MADDR
 TARGETS=()
 
 cleanup() {
@@ -100,11 +116,16 @@ add_target() { # name pid socket export
 # ---- targets --------------------------------------------------------------
 start_sidecar() { # name binary extra-args...
     local name=$1 bin=$2; shift 2
-    local d="$WORK/$name"
+    local d="$WORK/$name" maddr=""
     mkdir -p "$d"
+    if [[ "$METRICS" == 1 ]]; then
+        maddr="127.0.0.1:$METRICS_PORT"
+        METRICS_PORT=$((METRICS_PORT + 1))
+    fi
     "$bin" serve --data-dir "$d/data" --socket "$d/sock" --export "$EXPORT=$SIZE" \
-        --metrics-addr '' "$@" >"$d/log" 2>&1 &
+        --metrics-addr "$maddr" "$@" >"$d/log" 2>&1 &
     add_target "$name" $! "$d/sock" "$EXPORT"
+    [[ -n "$maddr" ]] && MADDR[$name]=$maddr
     wait_socket "$d/sock"
 }
 
@@ -170,8 +191,18 @@ job_args() { # workload -> fio arguments
         seqread) echo "--rw=read --bs=1M --iodepth=1" ;;
         randwrite) echo "--rw=randwrite --bs=4k --iodepth=4" ;;
         randread) echo "--rw=randread --bs=4k --iodepth=4" ;;
+        # Any other mix as RW-BS-qdN, e.g. randread-64k-qd8 (RW: read write randread randwrite).
+        *-*-qd*)
+            local rw=${1%%-*} rest=${1#*-}
+            echo "--rw=$rw --bs=${rest%%-qd*} --iodepth=${rest##*-qd}" ;;
         *) echo "fio-compare: unknown workload $1" >&2; return 1 ;;
     esac
+}
+
+scrape() { # target file: the target's /metrics (only sidecars started with METRICS=1)
+    [[ -n "${MADDR[$1]:-}" ]] || return 0
+    python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
+        "http://${MADDR[$1]}/metrics" >"$2"
 }
 
 cpu_ticks() { # pid -> utime+stime in clock ticks
@@ -189,12 +220,14 @@ echo "running: ${WORKLOADS} x ${TARGETS[*]} x $ROUNDS rounds, ${RUNTIME}s each"
 for w in $WORKLOADS; do
     for r in $(seq 1 "$ROUNDS"); do
         for t in "${TARGETS[@]}"; do
+            scrape "$t" "$RESULTS/$w.$t.r$r.metrics0"
             c0=$(cpu_ticks "${PID[$t]}")
             # shellcheck disable=SC2046
             fio --name="$w" --ioengine=nbd --uri="${URI[$t]}" $(job_args "$w") \
                 --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1 \
                 --randrepeat=0 --output-format=json --output="$RESULTS/$w.$t.r$r.json" >/dev/null
             c1=$(cpu_ticks "${PID[$t]}")
+            scrape "$t" "$RESULTS/$w.$t.r$r.metrics1"
             echo "$(( c1 - c0 ))" >"$RESULTS/$w.$t.r$r.cpu"
             printf '  %-9s %-11s round %d done\n' "$w" "$t" "$r"
         done
@@ -210,10 +243,21 @@ python3 - "$RESULTS" "$RUNTIME" "$(getconf CLK_TCK)" "$WORKLOADS" "${TARGETS[@]}
 import json, os, statistics, sys
 
 res, runtime, hz, workloads, targets = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4].split(), sys.argv[5:]
+
+def metric_sum(path, name):
+    """Sum of every sample of `name` (all label sets) in a Prometheus text file."""
+    total = 0.0
+    with open(path) as f:
+        for line in f:
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.rsplit(None, 1)[1])
+    return total
+
+
 summary = {}
 for w in workloads:
     for t in targets:
-        tps, p99s, p50s, cpus = [], [], [], []
+        tps, p99s, p50s, cpus, overheads, cpu_per_gb = [], [], [], [], [], []
         r = 1
         while os.path.exists(f"{res}/{w}.{t}.r{r}.json"):
             with open(f"{res}/{w}.{t}.r{r}.json") as f:
@@ -222,19 +266,32 @@ for w in workloads:
             j = json.loads(txt[txt.index("{"):])
             job = j["jobs"][0]
             d = job["write"] if "write" in w else job["read"]
-            tps.append(d["bw_bytes"] / 1e6 if w.startswith("seq") else d["iops"])
+            tps.append(d["bw_bytes"] / 1e6 if w.startswith("seq") or "-" in w else d["iops"])
             pct = d["clat_ns"].get("percentile", {})
             p99s.append(pct.get("99.000000", 0) / 1e3)
             p50s.append(pct.get("50.000000", 0) / 1e3)
             with open(f"{res}/{w}.{t}.r{r}.cpu") as f:
-                cpus.append(int(f.read()) / hz / (runtime + 1) * 100)
+                cpu_s = int(f.read()) / hz
+            cpus.append(cpu_s / (runtime + 1) * 100)
+            # Bytes moved over the CPU measurement window (runtime + 1 s ramp).
+            moved = d["bw_bytes"] * (runtime + 1)
+            if moved > 0:
+                cpu_per_gb.append(cpu_s / (moved / 1e9))
+            m0, m1 = f"{res}/{w}.{t}.r{r}.metrics0", f"{res}/{w}.{t}.r{r}.metrics1"
+            if os.path.exists(m0) and os.path.exists(m1):
+                crypto = metric_sum(m1, "ear_request_crypto_seconds_sum") - metric_sum(m0, "ear_request_crypto_seconds_sum")
+                total = metric_sum(m1, "ear_request_duration_seconds_sum") - metric_sum(m0, "ear_request_duration_seconds_sum")
+                if total > 0:
+                    overheads.append(crypto / total)
             r += 1
         if tps:
             summary.setdefault(w, {})[t] = {
                 "throughput": statistics.mean(tps), "runs": tps,
-                "unit": "MB/s" if w.startswith("seq") else "IOPS",
+                "unit": "MB/s" if w.startswith("seq") or "-" in w else "IOPS",
                 "p50_us": statistics.median(p50s), "p99_us": statistics.median(p99s),
                 "server_cpu_pct": statistics.mean(cpus),
+                "server_cpu_s_per_gb": statistics.mean(cpu_per_gb) if cpu_per_gb else None,
+                "overhead_ratio_runs": overheads,
             }
 with open(f"{res}/summary.json", "w") as f:
     json.dump(summary, f, indent=2)
@@ -258,6 +315,18 @@ for w, row in summary.items():
         ro = f"{tp / off:.2f}" if off else "-"
         runs = " ".join(f"{x:,.0f}" for x in s["runs"])
         print(f"| {names.get(w, w)} | {t} | {tps} | {s['p50_us']:,.0f} | {s['p99_us']:,.0f} | {s['server_cpu_pct']:.0f} % | {rn} | {ro} | {runs} |")
+if any(s.get("overhead_ratio_runs") for row in summary.values() for s in row.values()):
+    print()
+    print("EAR overhead ratio (crypto s / request s, as instance_export:ear_overhead:ratio_rate5m) and CPU per GB:")
+    print()
+    print("| workload | target | overhead ratio per run | server CPU s per GB |")
+    print("|---|---|---|---|")
+    for w, row in summary.items():
+        for t, s in row.items():
+            if s.get("overhead_ratio_runs"):
+                runs = " ".join(f"{x:.3f}" for x in s["overhead_ratio_runs"])
+                cpg = s["server_cpu_s_per_gb"]
+                print(f"| {names.get(w, w)} | {t} | {runs} | {cpg:.2f} |" if cpg is not None else f"| {names.get(w, w)} | {t} | {runs} | - |")
 print()
 print("Targets (issue 2): ear-on ≥ 0.85 × nbdkit on 1 MiB sequential, ≥ 0.8 × on 4 KiB random, ≥ 0.9 × ear-off.")
 EOF

@@ -1,6 +1,7 @@
 //! Offline validation of what an operator deploys (issue 6): the container image recipe
-//! (`deploy/Dockerfile`), the kustomize overlays under `deploy/k8s/overlays/`, the prometheus-operator
-//! objects and the plain Prometheus scrape example.
+//! (`deploy/Dockerfile`), the ear-sidecar kustomize component as the examples under
+//! `deploy/k8s/examples/` and the Helm post-renderer (`deploy/k8s/helm/`) apply it, the
+//! prometheus-operator objects and the plain Prometheus scrape example.
 //!
 //! No cluster and no Docker engine are needed. External tools (installed by
 //! `.ci/setup.d/deploy.sh`): `kubectl` (its built-in `kustomize`), `kubernetes-validate` (PyPI,
@@ -16,8 +17,12 @@ use std::process::{Command, Output};
 use clap::Parser;
 use ear_sidecar::config::{Cli, Command as CliCommand, ServeConfig};
 
-/// Every overlay an operator may apply.
-const OVERLAYS: [&str; 3] = ["aws-irsa", "aws-secret", "local-trial"];
+/// Every example composition of the component (each renders a whole bundle).
+const EXAMPLES: [&str; 4] = ["aws-irsa", "aws-secret", "local-trial", "no-crds"];
+
+/// The bundle the Helm post-renderer makes of a YugabyteDB chart release (the fixture imitates
+/// the chart's rendered tserver StatefulSet).
+const HELM: &str = "helm-post-renderer";
 
 /// Kubernetes versions the core objects must validate against: the first with native sidecars
 /// enabled by default (1.29) and the newest schemas `kubernetes-validate` ships.
@@ -53,14 +58,44 @@ fn os(s: &str) -> &std::ffi::OsStr {
     std::ffi::OsStr::new(s)
 }
 
-/// `kubectl kustomize` of one overlay, written to `dir/rendered.yaml`.
-fn render(overlay: &str, dir: &Path) -> PathBuf {
-    let path = root().join("deploy/k8s/overlays").join(overlay);
-    let o = run("kubectl", &[os("kustomize"), path.as_os_str()], &root());
-    let yaml = must_succeed(&format!("kubectl kustomize {}", path.display()), &o);
+/// One bundle, written to `dir/rendered.yaml`: `kubectl kustomize` of an example, or for
+/// [`HELM`] the post-renderer run on the chart fixture.
+fn render(bundle: &str, dir: &Path) -> PathBuf {
+    let yaml = if bundle == HELM {
+        let script = root().join("deploy/k8s/helm/post-render.sh");
+        let input =
+            std::fs::File::open(root().join("tests/fixtures/yb-chart-tserver.yaml")).unwrap();
+        let o = Command::new("bash")
+            .arg(&script)
+            .current_dir(root())
+            .stdin(input)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run bash {}: {e}", script.display()));
+        let yaml = must_succeed(
+            "deploy/k8s/helm/post-render.sh < tests/fixtures/yb-chart-tserver.yaml",
+            &o,
+        );
+        // The chart's own claim, init container and containers survive; ear-data is appended.
+        for kept in [
+            "name: datadir0",
+            "name: yb-tserver-pg-data-ownership-fix",
+            "name: yb-cleanup",
+            "name: ear-data",
+        ] {
+            assert!(
+                yaml.contains(kept),
+                "post-renderer output lacks `{kept}`:\n{yaml}"
+            );
+        }
+        yaml
+    } else {
+        let path = root().join("deploy/k8s/examples").join(bundle);
+        let o = run("kubectl", &[os("kustomize"), path.as_os_str()], &root());
+        must_succeed(&format!("kubectl kustomize {}", path.display()), &o)
+    };
     assert!(
         yaml.contains("kind: StatefulSet"),
-        "{overlay} renders no StatefulSet"
+        "{bundle} renders no StatefulSet"
     );
     let out = dir.join("rendered.yaml");
     std::fs::write(&out, yaml).unwrap();
@@ -103,7 +138,7 @@ fn flag_of_env(var: &str) -> Option<String> {
 fn overlays_render_and_validate_offline() {
     let flags = serve_flags();
     let tmp = tempfile::tempdir().unwrap();
-    for overlay in OVERLAYS {
+    for overlay in EXAMPLES.into_iter().chain([HELM]) {
         let dir = tmp.path().join(overlay);
         std::fs::create_dir_all(&dir).unwrap();
         let rendered = render(overlay, &dir);
@@ -120,6 +155,7 @@ fn overlays_render_and_validate_offline() {
             &root(),
         );
         must_succeed(&format!("deploy/k8s/validate.py on overlay {overlay}"), &o);
+        check_job_name(overlay, &out.join("monitoring.json"), &rendered);
 
         // Core objects against the Kubernetes OpenAPI schemas, strictly (unknown fields fail).
         let core = out.join("core.yaml");
@@ -153,6 +189,88 @@ fn overlays_render_and_validate_offline() {
         must_succeed(&format!("promtool check rules (overlay {overlay})"), &o);
 
         check_sidecar_agrees_with_cli(overlay, &out.join("sidecar.json"), &flags, &dir);
+    }
+}
+
+/// The scrape job the ServiceMonitor gives the sidecars (derived by validate.py from the rendered
+/// ServiceMonitor and Service: the value of the `jobLabel` label, else the Service name) is the
+/// one the alert rules select, and validate.py fails a bundle whose rules could never match it.
+fn check_job_name(bundle: &str, monitoring: &Path, rendered: &Path) {
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(monitoring).unwrap()).unwrap();
+    let text = std::fs::read_to_string(rendered).unwrap();
+    let has_operator = text.contains("kind: ServiceMonitor");
+    match bundle {
+        "local-trial" | "no-crds" => assert!(
+            !text.contains("monitoring.coreos.com"),
+            "{bundle} must not need the prometheus-operator CRDs"
+        ),
+        _ => assert!(has_operator, "{bundle} has no ServiceMonitor"),
+    }
+    if !has_operator {
+        return;
+    }
+    assert_eq!(
+        m["jobs"],
+        serde_json::json!(["ear-sidecar"]),
+        "{bundle}: {m}"
+    );
+    let selectors = m["selectors"].as_array().unwrap();
+    assert!(
+        selectors.iter().any(|s| s["rule"] == "EarSidecarDown"),
+        "{bundle}: EarSidecarDown selects no job: {m}"
+    );
+    // The check has teeth: the same bundle without jobLabel (the operator then names the job
+    // after the Service) is rejected, naming the alert that could never fire.
+    let dir = rendered.parent().unwrap();
+    let broken = dir.join("no-joblabel.yaml");
+    let without: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("jobLabel:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&broken, without).unwrap();
+    let o = run(
+        "python3",
+        &[
+            root().join("deploy/k8s/validate.py").as_os_str(),
+            broken.as_os_str(),
+            dir.join("out-broken").as_os_str(),
+        ],
+        &root(),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("EarSidecarDown")
+            && err.contains("ear-sidecar-metrics"),
+        "{bundle}: validate.py accepted a ServiceMonitor whose job the rules never select:\n{err}"
+    );
+}
+
+/// The plain Prometheus example names its Kubernetes job as the rules expect.
+#[test]
+fn scrape_example_job_is_the_one_the_rules_select() {
+    let example =
+        std::fs::read_to_string(root().join("deploy/prometheus-scrape.example.yml")).unwrap();
+    let jobs: Vec<&str> = example
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- job_name:"))
+        .map(str::trim)
+        .collect();
+    let rules =
+        std::fs::read_to_string(root().join("deploy/prometheus/ear-sidecar.rules.yml")).unwrap();
+    let selected: Vec<&str> = rules
+        .split("job=\"")
+        .skip(1)
+        .map(|part| part.split('"').next().unwrap())
+        .collect();
+    assert!(!selected.is_empty(), "no rule selects a job");
+    for job in &selected {
+        assert!(
+            jobs.contains(job),
+            "a rule selects job=\"{job}\" but the scrape example has only {jobs:?}"
+        );
     }
 }
 
@@ -565,9 +683,9 @@ fn dockerfile_agrees_with_cargo_and_cli() {
 
 #[test]
 fn attach_script_is_valid_bash() {
-    let script = root().join("deploy/k8s/base/attach.sh");
+    let script = root().join("deploy/k8s/components/ear-sidecar/attach.sh");
     let o = run("bash", &[os("-n"), script.as_os_str()], &root());
-    must_succeed("bash -n deploy/k8s/base/attach.sh", &o);
+    must_succeed("bash -n deploy/k8s/components/ear-sidecar/attach.sh", &o);
     let text = std::fs::read_to_string(&script).unwrap();
     for needle in [
         "nbd-client -unix",
@@ -596,5 +714,41 @@ fn copy_tree(from: &Path, to: &Path) {
             std::fs::create_dir_all(parent).unwrap();
         }
         std::fs::copy(from, to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+    }
+}
+
+/// The operator-facing scripts answer `--help` with their usage and exit 0, without running
+/// anything (fio-compare.sh would otherwise build and benchmark for minutes).
+#[test]
+fn scripts_print_usage_on_help() {
+    for (program, script, needle) in [
+        (
+            "bash",
+            "benches/fio-compare.sh",
+            "Usage: benches/fio-compare.sh",
+        ),
+        ("python3", "deploy/k8s/validate.py", "Usage: validate.py"),
+        ("bash", "deploy/k8s/helm/post-render.sh", "helm install"),
+    ] {
+        let path = root().join(script);
+        for flag in ["--help", "-h"] {
+            let start = std::time::Instant::now();
+            let o = run(program, &[path.as_os_str(), os(flag)], &root());
+            let out = must_succeed(&format!("{script} {flag}"), &o);
+            assert!(out.contains(needle), "{script} {flag} printed:\n{out}");
+            assert!(
+                o.stderr.is_empty(),
+                "{script} {flag} wrote to stderr:\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "{script} {flag} took {:?}: it ran instead of printing usage",
+                start.elapsed()
+            );
+        }
+        // A stray argument is a usage error (exit 2), not a run.
+        let o = run(program, &[path.as_os_str(), os("--bogus")], &root());
+        assert_eq!(o.status.code(), Some(2), "{script} --bogus");
     }
 }

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Offline checks of a rendered overlay (`kubectl kustomize deploy/k8s/overlays/<name>`).
+"""Offline checks of a rendered overlay (`kubectl kustomize deploy/k8s/examples/<name>`, or the Helm post-renderer's output).
 
 Usage: validate.py RENDERED.yaml OUTDIR
+       validate.py --help
 
 Writes into OUTDIR:
   core.yaml     the core Kubernetes objects, for `kubernetes-validate --strict`
   rules.yml     spec.groups of every PrometheusRule, for `promtool check rules`
   sidecar.json  what the manifests hand to ear-sidecar (args, env names, config TOML, probes,
                 ports), for the CLI-agreement test in tests/deploy.rs
+  monitoring.json  the scrape job name each ServiceMonitor gives its targets and the job
+                selectors of the PrometheusRule's expressions
 and checks here, exiting 1 with one line per problem:
   - CRD objects (ServiceMonitor, PrometheusRule) structurally: apiVersion/kind/metadata.name,
     required fields and types, no unknown fields in the parts we use;
@@ -15,12 +18,16 @@ and checks here, exiting 1 with one line per problem:
     match the pod labels and name existing container ports, the ServiceMonitor selects the metrics
     Service by labels and port name;
   - the native-sidecar layout: ear-sidecar is an init container with restartPolicy Always and the
-    restrictive securityContext, the attach step uses Bidirectional propagation and the tserver
-    HostToContainer on the same volume.
+    restrictive securityContext (all capabilities dropped but IPC_LOCK and SYS_RESOURCE), the
+    attach step uses Bidirectional propagation and the tserver HostToContainer on the same volume;
+  - the job name: prometheus-operator names a ServiceMonitor's job after the Service, or after
+    the value of the Service label named by spec.jobLabel; every job="..." / job=~"..."
+    selector in the PrometheusRule must match that job (else e.g. EarSidecarDown never fires).
 Needs PyYAML (a dependency of kubernetes-validate).
 """
 import json
 import os
+import re
 import sys
 
 import yaml
@@ -136,7 +143,15 @@ def check_prometheusrule(obj, groups_out):
 
 
 def main():
-    rendered, outdir = sys.argv[1], sys.argv[2]
+    args = sys.argv[1:]
+    if args and args[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return
+    if len(args) != 2:
+        print("validate.py: expected RENDERED.yaml OUTDIR, got %d argument(s); see --help" % len(args),
+              file=sys.stderr)
+        sys.exit(2)
+    rendered, outdir = args
     with open(rendered) as f:
         docs = [d for d in yaml.safe_load_all(f) if d]
     core, groups = [], []
@@ -180,6 +195,10 @@ def main():
 
     # Every configMapKeyRef / configMap volume points at a rendered ConfigMap and key.
     for c in all_ctrs:
+        for ef in c.get("envFrom") or []:
+            ref = ef.get("configMapRef")
+            if ref and ref["name"] not in configmaps and not ref.get("optional"):
+                err("container %s envFrom: no ConfigMap %s" % (c["name"], ref["name"]))
         for e in c.get("env") or []:
             ref = (e.get("valueFrom") or {}).get("configMapKeyRef")
             if ref:
@@ -200,19 +219,21 @@ def main():
     attach = inits.get("ear-attach")
     tserver = mains.get("yb-tserver")
     order = [c["name"] for c in pod.get("initContainers") or []]
-    if order[:2] != ["ear-sidecar", "ear-attach"]:
-        err("init containers must start ear-sidecar then ear-attach, got %s" % order)
+    if "ear-sidecar" not in order or "ear-attach" not in order or order.index("ear-sidecar") > order.index("ear-attach"):
+        err("init containers must include ear-sidecar, then ear-attach, got %s" % order)
     for c in (side, attach):
         if c is not None and c.get("restartPolicy") != "Always":
             err("init container %s must be a native sidecar (restartPolicy: Always)" % c["name"])
     if side is not None:
         sc = side.get("securityContext") or {}
-        want = {"runAsNonRoot": True, "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False}
+        want = {"runAsNonRoot": True, "readOnlyRootFilesystem": True}
         for k, v in want.items():
             if sc.get(k) != v:
                 err("ear-sidecar securityContext.%s must be %s" % (k, v))
-        if (sc.get("capabilities") or {}).get("drop") != ["ALL"] or (sc.get("capabilities") or {}).get("add"):
-            err("ear-sidecar must drop ALL capabilities and add none")
+        # PR_SET_IO_FLUSHER needs SYS_RESOURCE, mlockall IPC_LOCK; nothing else.
+        caps = sc.get("capabilities") or {}
+        if caps.get("drop") != ["ALL"] or sorted(caps.get("add") or []) != ["IPC_LOCK", "SYS_RESOURCE"]:
+            err("ear-sidecar must drop ALL capabilities and add exactly IPC_LOCK and SYS_RESOURCE, got %r" % caps)
         if (sc.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
             err("ear-sidecar seccompProfile must be RuntimeDefault")
         if sc.get("privileged"):
@@ -265,6 +286,8 @@ def main():
             if "port" in ep and not any(ep["port"] == p.get("name") for s in hits for p in s["spec"].get("ports") or []):
                 err("ServiceMonitor %s: port %s not on the selected Service" % (sm["metadata"]["name"], ep["port"]))
 
+    check_job_selectors(by_kind, services, groups)
+
     summary = None
     if side is not None:
         cfg_vol = None
@@ -277,6 +300,11 @@ def main():
             for k, text in (cfg_vol[1].get("data") or {}).items():
                 config_files[cfg_vol[0].rstrip("/") + "/" + k] = text
         env = {}
+        for ef in side.get("envFrom") or []:
+            ref = ef.get("configMapRef")
+            if ref:
+                for k, v in ((configmaps.get(ref["name"]) or {}).get("data") or {}).items():
+                    env[(ef.get("prefix") or "") + k] = v
         for e in side.get("env") or []:
             if "value" in e:
                 env[e["name"]] = e["value"]
@@ -299,6 +327,49 @@ def main():
     finish(outdir, core, groups, summary)
 
 
+MONITORING = {"jobs": [], "selectors": []}
+JOB_MATCHER = re.compile(r'\bjob\s*(=~|!~|!=|=)\s*"([^"]*)"')
+
+
+def check_job_selectors(by_kind, services, groups):
+    """The job names the ServiceMonitors produce, and every rule's job selectors against them."""
+    jobs = []
+    for sm in by_kind.get("ServiceMonitor", []):
+        spec = sm.get("spec") or {}
+        ml = (spec.get("selector") or {}).get("matchLabels") or {}
+        for s in services:
+            labels = s["metadata"].get("labels") or {}
+            if not set(ml.items()) <= set(labels.items()):
+                continue
+            jl = spec.get("jobLabel")
+            if jl:
+                if jl not in labels:
+                    err("ServiceMonitor %s: jobLabel %s is not a label of Service %s" % (sm["metadata"]["name"], jl, s["metadata"]["name"]))
+                    continue
+                jobs.append(labels[jl])
+            else:
+                jobs.append(s["metadata"]["name"])
+    MONITORING["jobs"] = sorted(set(jobs))
+    for g in groups:
+        for r in g.get("rules") or []:
+            name = r.get("alert") or r.get("record")
+            for op, value in JOB_MATCHER.findall(str(r.get("expr", ""))):
+                MONITORING["selectors"].append({"rule": name, "op": op, "value": value})
+                if not jobs:
+                    continue
+                if op == "=":
+                    ok = value in jobs
+                elif op == "=~":
+                    ok = any(re.fullmatch(value, j) for j in jobs)
+                elif op == "!=":
+                    ok = any(j != value for j in jobs)
+                else:
+                    ok = any(not re.fullmatch(value, j) for j in jobs)
+                if not ok:
+                    err("rule %s selects job%s\"%s\" but the ServiceMonitor's job is %s: it can never match"
+                        % (name, op, value, " or ".join(jobs)))
+
+
 def finish(outdir, core, groups, summary):
     os.makedirs(outdir, exist_ok=True)
     with open(os.path.join(outdir, "core.yaml"), "w") as f:
@@ -307,6 +378,8 @@ def finish(outdir, core, groups, summary):
         yaml.safe_dump({"groups": groups}, f, sort_keys=False)
     with open(os.path.join(outdir, "sidecar.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    with open(os.path.join(outdir, "monitoring.json"), "w") as f:
+        json.dump(MONITORING, f, indent=2)
     if errors:
         for e in errors:
             print("INVALID: " + e, file=sys.stderr)

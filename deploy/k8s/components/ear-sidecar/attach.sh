@@ -17,6 +17,16 @@
 #   ATTACH_FS_OWNER  uid:gid given to the filesystem root after mkfs (default 0:0)
 #   ATTACH_STATE     where the chosen device name is recorded (default /run/ear-attach/device)
 #   ATTACH_TIMEOUT   seconds to wait for the socket and the device (default 120)
+#   ATTACH_NBD_MODE  netlink (default) or ioctl: how the kernel device is configured
+#   ATTACH_DEAD_TIMEOUT  netlink mode: seconds the kernel holds I/O while the connection is dead,
+#                    waiting for a reconnect, before failing it (default 120)
+#   ATTACH_REQUEST_TIMEOUT  seconds before a request without an answer is retried on the
+#                    (re)connected socket (netlink) or fails (ioctl) (default 30)
+#
+# Sidecar restarts (doc/kubernetes.md, "Sidecar restarts"): in netlink mode the kernel keeps the
+# device and queues I/O for ATTACH_DEAD_TIMEOUT seconds after the connection dies, and
+# `nbd-client -persist` stays to reconnect it. In ioctl mode (-nonetlink) a dead connection fails
+# all I/O at once: the filesystem shuts down and the pod must be restarted.
 set -euo pipefail
 
 SOCKET=${ATTACH_SOCKET:-/run/ear/ear.sock}
@@ -26,6 +36,9 @@ FSTYPE=${ATTACH_FSTYPE:-xfs}
 OWNER=${ATTACH_FS_OWNER:-0:0}
 STATE=${ATTACH_STATE:-/run/ear-attach/device}
 TIMEOUT=${ATTACH_TIMEOUT:-120}
+MODE=${ATTACH_NBD_MODE:-netlink}
+DEAD_TIMEOUT=${ATTACH_DEAD_TIMEOUT:-120}
+REQUEST_TIMEOUT=${ATTACH_REQUEST_TIMEOUT:-30}
 
 log() { echo "ear-attach: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -73,12 +86,27 @@ pick_and_connect() {
         name=${sys##*/}
         connected "$name" && continue
         [ "$(cat "$sys/size")" = 0 ] || continue
-        log "connecting /dev/$name to export '$EXPORT' on $SOCKET"
-        # -nonetlink: the nbd generic-netlink family is not visible from a pod's network namespace.
-        # -nofork: we keep the daemon as our child and notice if it dies. -persist: reconnect if the
-        # sidecar container restarts (in-flight requests may still fail; see doc/kubernetes.md).
-        nbd-client -unix "$SOCKET" "/dev/$name" -N "$EXPORT" -block-size 4096 \
-            -nonetlink -nofork -persist &
+        log "connecting /dev/$name to export '$EXPORT' on $SOCKET ($MODE mode)"
+        # -nofork: we keep the client as our child and notice if it dies. -persist: it stays and
+        # reconnects when the sidecar restarts.
+        case "$MODE" in
+            netlink)
+                # The dead-connection timeout is a netlink-only setting; nbd-client takes it on
+                # the command line from version 3.28 (3.27 applies 30 s in persist mode).
+                local dead=()
+                if nbd-client --help 2>&1 | grep -q -- '-dead-timeout'; then
+                    dead=(-dead-timeout "$DEAD_TIMEOUT")
+                fi
+                nbd-client -unix "$SOCKET" "/dev/$name" -N "$EXPORT" -block-size 4096 \
+                    -timeout "$REQUEST_TIMEOUT" "${dead[@]}" -nofork -persist &
+                ;;
+            ioctl)
+                log "WARNING: ioctl mode: a sidecar restart fails the filesystem's I/O (use netlink)"
+                nbd-client -unix "$SOCKET" "/dev/$name" -N "$EXPORT" -block-size 4096 \
+                    -timeout "$REQUEST_TIMEOUT" -nonetlink -nofork -persist &
+                ;;
+            *) die "unsupported ATTACH_NBD_MODE '$MODE' (netlink or ioctl)" ;;
+        esac
         NBD_PID=$!
         local t=0
         while [ "$t" -lt 20 ]; do
@@ -130,9 +158,17 @@ run() {
     mount -t "$found" -o noatime "$dev" "$MNT"
     chown "$OWNER" "$MNT"
     log "ready: $MNT is backed by $dev through ear-sidecar"
-    # Supervise the NBD daemon; `wait` returns early on SIGTERM so the trap runs.
-    while kill -0 "$NBD_PID" 2>/dev/null; do
-        wait "$NBD_PID" || true
+    # Supervise: the client while it runs (`wait` returns early on SIGTERM so the trap runs);
+    # in netlink mode the kernel holds the connection even after a client without persist
+    # support has exited, so then watch the device itself.
+    while true; do
+        if kill -0 "$NBD_PID" 2>/dev/null; then
+            wait "$NBD_PID" || true
+            continue
+        fi
+        [ "$MODE" = netlink ] && connected "${dev#/dev/}" || break
+        sleep 5 &
+        wait $! || true
     done
     if mounted; then
         die "nbd-client exited while $MNT is mounted: the database sees I/O errors; restart the pod"
