@@ -259,5 +259,5 @@ for w, row in summary.items():
         runs = " ".join(f"{x:,.0f}" for x in s["runs"])
         print(f"| {names.get(w, w)} | {t} | {tps} | {s['p50_us']:,.0f} | {s['p99_us']:,.0f} | {s['server_cpu_pct']:.0f} % | {rn} | {ro} | {runs} |")
 print()
-print("Targets (issue 2): ear-on ≥ 0.85 × nbdkit on 1 MiB sequential, ≥ 0.8 × on 4 KiB random, ≥ 0.9 × ear-off.")
+print("Targets: ear-on ≥ 0.85 × nbdkit on 1 MiB sequential, ≥ 0.8 × on 4 KiB random, ≥ 0.9 × ear-off.")
 EOF

@@ -15,10 +15,10 @@
 //! * [`metrics`]  – Prometheus `/metrics`, `/livez`, `/readyz` on one small
 //!   HTTP listener; reads the others' counters at scrape time and records
 //!   per-request series through pre-registered handles (`server::observe`).
-#![forbid(unsafe_code)]
 
 pub mod config;
 pub mod crypto;
+pub mod fsutil;
 pub mod keys;
 pub mod metrics;
 pub mod protocol;

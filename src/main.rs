@@ -308,12 +308,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         }
     }
     let listener = server::bind(&cfg.socket, cfg.socket_mode)?;
-    let shared = Shared::new(
-        Arc::clone(&store),
-        keys.clone(),
-        server_cfg,
-        Arc::clone(&health),
-    );
+    let shared = Shared::new(Arc::clone(&store), server_cfg, Arc::clone(&health));
     health
         .ready
         .store(true, std::sync::atomic::Ordering::Release);

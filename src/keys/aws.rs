@@ -49,9 +49,6 @@ use crate::crypto::{SecretKey, KEY_LEN};
 /// Provider name stored in the key registry.
 pub const PROVIDER_KIND: &str = "aws";
 
-/// Default start-up deadline against an unreachable KMS.
-pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
-
 // ---------------------------------------------------------------------------
 // ARN syntax
 // ---------------------------------------------------------------------------

@@ -82,6 +82,15 @@ pub enum KeyError {
     Crypto(#[from] crate::crypto::CryptoError),
 }
 
+impl From<crate::fsutil::FsError> for KeyError {
+    fn from(e: crate::fsutil::FsError) -> Self {
+        KeyError::Io {
+            context: e.what,
+            source: e.source,
+        }
+    }
+}
+
 /// A key-encryption-key provider. Implementations: [`local::LocalProvider`],
 /// and the AWS KMS provider.
 #[async_trait]

@@ -17,7 +17,6 @@ use tokio::net::UnixListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::crypto::KeyRing;
 use crate::store::Store;
 
 /// Errors of the server layer.
@@ -91,8 +90,6 @@ pub struct Health {
 pub struct Shared {
     /// The exports.
     pub store: Arc<Store>,
-    /// The key ring (None in plaintext mode).
-    pub keys: Option<Arc<KeyRing>>,
     /// Limits and policy.
     pub config: ServerConfig,
     /// Health latch.
@@ -103,16 +100,10 @@ pub struct Shared {
 
 impl Shared {
     /// Builds the shared state.
-    pub fn new(
-        store: Arc<Store>,
-        keys: Option<Arc<KeyRing>>,
-        config: ServerConfig,
-        health: Arc<Health>,
-    ) -> Arc<Self> {
+    pub fn new(store: Arc<Store>, config: ServerConfig, health: Arc<Health>) -> Arc<Self> {
         let budget = config.inflight_bytes.max(config.max_request as usize);
         Arc::new(Self {
             store,
-            keys,
             inflight_bytes: Arc::new(Semaphore::new(budget)),
             config,
             health,

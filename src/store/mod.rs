@@ -125,6 +125,15 @@ impl StoreError {
     }
 }
 
+impl From<crate::fsutil::FsError> for StoreError {
+    fn from(e: crate::fsutil::FsError) -> Self {
+        StoreError::Io {
+            what: e.what,
+            source: e.source,
+        }
+    }
+}
+
 /// A requested export: created when missing, grown when larger.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportSpec {
