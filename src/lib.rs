@@ -16,11 +16,12 @@
 //!   HTTP listener; reads the others' counters at scrape time and records
 //!   per-request series through pre-registered handles (`server::observe`).
 
+pub mod admin;
 pub mod config;
 pub mod crypto;
 pub mod fsutil;
+pub mod health;
 pub mod keys;
-pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod store;

@@ -15,13 +15,15 @@ use clap::Parser;
 use ear_sidecar::config::{
     Cli, Command, Encryption, KmsConfig, LogFormat, ServeConfig, StatusArgs, ValidateKeyArgs,
 };
+use ear_sidecar::health::Health;
 use ear_sidecar::keys::aws::{self, AwsKmsOptions, AwsKmsProvider, CheckOutcome, ValidationReport};
 use ear_sidecar::keys::local::LocalProvider;
 use ear_sidecar::keys::memory;
 use ear_sidecar::keys::registry::Registry;
 use ear_sidecar::keys::revocation::{watch_master_key, RevocationState};
 use ear_sidecar::keys::{KeyError, KeyProvider, MasterKeyState};
-use ear_sidecar::server::{self, Health, ServerConfig, Shared};
+use ear_sidecar::server::observe::RequestMetrics;
+use ear_sidecar::server::{self, ServerConfig, Shared};
 use ear_sidecar::store::{self, ExportSpec, Store};
 
 fn main() -> ExitCode {
@@ -120,7 +122,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     let health = Arc::new(Health::default());
     let metrics_layer = match cfg.metrics_addr {
         Some(addr) => Some(
-            ear_sidecar::metrics::start(addr, Arc::clone(&health), encryption_on)
+            ear_sidecar::admin::start(addr, Arc::clone(&health), encryption_on)
                 .await
                 .context("start the metrics listener (--metrics-addr; empty disables)")?
                 .0,
@@ -297,8 +299,15 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     // Master-key revocation state, filled by the watcher spawned below.
     let revocation_state = Arc::new(RevocationState::new());
     // [metrics: wire] per-request series and scrape-time sources.
+    if let Some(k) = &keys {
+        health.watch_key_ring(Arc::clone(k));
+        health.watch_revocation(Arc::clone(&revocation_state));
+    }
+    let request_metrics = match &metrics_layer {
+        Some(m) => m.request_metrics(&store),
+        None => RequestMetrics::default(),
+    };
     if let Some(m) = &metrics_layer {
-        m.register_exports(&store);
         if let Some(k) = &keys {
             m.set_key_ring(Arc::clone(k));
             m.set_revocation(Arc::clone(&revocation_state));
@@ -308,7 +317,12 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         }
     }
     let listener = server::bind(&cfg.socket, cfg.socket_mode)?;
-    let shared = Shared::new(Arc::clone(&store), server_cfg, Arc::clone(&health));
+    let shared = Shared::new(
+        Arc::clone(&store),
+        server_cfg,
+        Arc::clone(&health),
+        request_metrics,
+    );
     health
         .ready
         .store(true, std::sync::atomic::Ordering::Release);

@@ -51,7 +51,7 @@ pub use transmission::{
     encode_block_status, encode_error_reply, encode_offset_data_header, encode_offset_hole,
     encode_simple_reply, encode_structured_chunk_header, encode_structured_error,
     encode_structured_error_offset, encode_structured_none_done, parse_request_header,
-    ExportLimits, RawRequest, Request, RequestError, RequestErrorReason, RequestKind,
+    ExportLimits, Op, RawRequest, Request, RequestError, RequestErrorReason, RequestKind,
 };
 
 /// Fatal protocol violations: the peer's framing can no longer be trusted and

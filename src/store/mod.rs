@@ -92,26 +92,21 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// The NBD errno a client should see for this error.
-    pub fn errno(&self) -> u32 {
-        const EIO: u32 = 5;
-        const EINVAL: u32 = 22;
-        const ENOSPC: u32 = 28;
-        match self {
-            StoreError::Io { source, .. } => match source.raw_os_error() {
-                Some(28) | Some(122) => ENOSPC, // ENOSPC, EDQUOT
-                Some(27) => ENOSPC,             // EFBIG (file size limit)
-                _ => EIO,
-            },
-            StoreError::OutOfRange { .. } => EINVAL,
-            _ => EIO,
-        }
+    /// Whether the backing storage ran out of room: the file system is full
+    /// (`ENOSPC`), a quota is exhausted (`EDQUOT`) or the file-size limit was
+    /// reached (`EFBIG`).
+    pub fn is_no_space(&self) -> bool {
+        const ENOSPC: i32 = 28;
+        const EDQUOT: i32 = 122;
+        const EFBIG: i32 = 27;
+        matches!(self, StoreError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(ENOSPC | EDQUOT | EFBIG)))
     }
 
     /// A short, bounded label for metrics (`io`, `corrupt`, `nospace`, …).
     pub fn kind(&self) -> &'static str {
         match self {
-            StoreError::Io { .. } if self.errno() == 28 => "nospace",
+            StoreError::Io { .. } if self.is_no_space() => "nospace",
             StoreError::Io { .. } => "io",
             StoreError::BadHeader { .. } => "bad_header",
             StoreError::Corrupt { .. } => "corrupt",
