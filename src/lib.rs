@@ -17,6 +17,7 @@
 //!   per-request series through pre-registered handles (`server::observe`).
 
 pub mod admin;
+pub mod app;
 pub mod config;
 pub mod crypto;
 pub mod fsutil;

@@ -43,7 +43,7 @@ use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{DataKeySpec, KeyMetadata};
 use zeroize::Zeroize;
 
-use super::{EncryptionContext, KeyError, KeyProvider, MasterKeyState, WrappedKey};
+use super::{DeadlineError, EncryptionContext, KeyError, KeyProvider, MasterKeyState, WrappedKey};
 use crate::crypto::{SecretKey, KEY_LEN};
 
 /// Provider name stored in the key registry.
@@ -974,44 +974,28 @@ impl KeyProvider for AwsKmsProvider {
 // ---------------------------------------------------------------------------
 
 /// Runs `op` until it succeeds, fails with something other than
-/// [`KeyError::Unavailable`], or `deadline` passes; between transient failures
-/// it waits (250 ms doubling to 5 s, never past the deadline). On the deadline
-/// the error is `Unavailable("AWS KMS at <endpoint> unreachable after <N>s:
-/// <last error>")`.
+/// [`KeyError::Unavailable`], or `deadline` passes (see
+/// [`super::with_deadline`]). On the deadline the error is
+/// `Unavailable("AWS KMS at <endpoint> unreachable after <N>s: <last error>")`.
 pub async fn with_startup_deadline<T, F, Fut>(
     endpoint: &str,
     deadline: Duration,
-    mut op: F,
+    op: F,
 ) -> Result<T, KeyError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, KeyError>>,
 {
-    let start = tokio::time::Instant::now();
-    let end = start + deadline;
-    let mut pause = Duration::from_millis(250);
-    let mut last = String::from("no response (the request was still pending at the deadline)");
-    loop {
-        match tokio::time::timeout_at(end, op()).await {
-            Ok(Ok(v)) => return Ok(v),
-            Ok(Err(KeyError::Unavailable(msg))) => last = msg,
-            Ok(Err(other)) => return Err(other),
-            Err(_elapsed) => break,
-        }
-        let now = tokio::time::Instant::now();
-        if now >= end {
-            break;
-        }
-        tokio::time::sleep_until((now + pause).min(end)).await;
-        pause = (pause * 2).min(Duration::from_secs(5));
-        if tokio::time::Instant::now() >= end {
-            break;
-        }
-    }
-    Err(KeyError::Unavailable(format!(
-        "AWS KMS at {endpoint} unreachable after {}: {last}",
-        human_duration(deadline)
-    )))
+    let end = tokio::time::Instant::now() + deadline;
+    super::with_deadline(end, op).await.map_err(|e| match e {
+        DeadlineError::Failed(e) => e,
+        DeadlineError::TimedOut { last } => KeyError::Unavailable(format!(
+            "AWS KMS at {endpoint} unreachable after {}: {}",
+            human_duration(deadline),
+            last.as_deref()
+                .unwrap_or("no response (the request was still pending at the deadline)")
+        )),
+    })
 }
 
 fn human_duration(d: Duration) -> String {
