@@ -32,22 +32,15 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
+use crate::store::{ExportName, ExportSpec, Exports, NameError};
+
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "./ear-data";
 /// Default Unix socket path.
 pub const DEFAULT_SOCKET: &str = "./ear.sock";
 /// Default socket file mode.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
-/// Name of the export created when none is configured.
-pub const DEFAULT_EXPORT_NAME: &str = "default";
-/// Size of the export created when none is configured (1 GiB).
-pub const DEFAULT_EXPORT_SIZE: u64 = 1 << 30;
-/// Largest export size accepted (2^50 bytes = 1 PiB).
-pub const MAX_EXPORT_SIZE: u64 = 1 << 50;
-/// Export sizes must be a multiple of this.
-pub const EXPORT_SIZE_ALIGN: u64 = 512;
-/// Longest export name, in bytes.
-pub const MAX_EXPORT_NAME_LEN: usize = 64;
+pub use crate::store::spec::{DEFAULT_EXPORT_NAME, DEFAULT_EXPORT_SIZE};
 /// File name of the local KEK inside the data directory (default `--local-kek-file`).
 pub const DEFAULT_LOCAL_KEK_FILE_NAME: &str = "local.kek";
 /// Default `--kms-startup-timeout`.
@@ -432,16 +425,6 @@ impl ValidateKeyArgs {
 // Resolved configuration
 // ---------------------------------------------------------------------------
 
-/// One export to serve: a validated name and a size in bytes
-/// (non-zero, a multiple of 512, at most 2^50).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExportSpec {
-    /// Export name: `[A-Za-z0-9._-]{1,64}`, no leading dot.
-    pub name: String,
-    /// Size in bytes.
-    pub size: u64,
-}
-
 /// Whether data is encrypted at rest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encryption {
@@ -481,12 +464,10 @@ pub struct ServeConfig {
     pub socket: PathBuf,
     /// Socket file mode (permission bits only, `<= 0o777`).
     pub socket_mode: u32,
-    /// Exports, in the order given; never empty, names unique.
-    pub exports: Vec<ExportSpec>,
-    /// True when exports were configured; false when `exports` is only the
-    /// built-in default (created in a fresh data directory, not forced on an
-    /// existing one).
-    pub exports_explicit: bool,
+    /// Exports: configured ones in the order given (never empty, names
+    /// unique), or the built-in default (created in a fresh data directory,
+    /// not forced on an existing one).
+    pub exports: Exports,
     /// Encryption mode.
     pub encryption: Encryption,
     /// Key provider: `Some` exactly when `encryption` is [`Encryption::On`].
@@ -748,43 +729,18 @@ fn check_socket_mode(mode: u32) -> Result<u32, String> {
     Ok(mode)
 }
 
-/// Checks an export name: 1..=64 bytes of `[A-Za-z0-9._-]`, no leading dot.
-pub fn validate_export_name(name: &str) -> Result<(), ConfigError> {
-    let err = |reason: &str| ConfigError::ExportName {
+/// Checks an export name (see [`ExportName`]).
+pub fn validate_export_name(name: &str) -> Result<ExportName, ConfigError> {
+    ExportName::parse(name).map_err(|e| ConfigError::ExportName {
         name: name.to_owned(),
-        reason: reason.to_owned(),
-    };
-    if name.is_empty() {
-        return Err(err("empty"));
-    }
-    if name.len() > MAX_EXPORT_NAME_LEN {
-        return Err(err("longer than 64 bytes"));
-    }
-    if name.starts_with('.') {
-        return Err(err("must not start with a dot"));
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return Err(err("only letters, digits, '.', '_' and '-' are allowed"));
-    }
-    Ok(())
-}
-
-/// Checks an export size: non-zero, a multiple of 512, at most 2^50 bytes.
-pub fn validate_export_size(size: u64) -> Result<(), String> {
-    if size == 0 {
-        Err("size must be greater than zero".to_owned())
-    } else if !size.is_multiple_of(EXPORT_SIZE_ALIGN) {
-        Err(format!("size {size} is not a multiple of 512 bytes"))
-    } else if size > MAX_EXPORT_SIZE {
-        Err(format!(
-            "size {size} is larger than the maximum 2^50 bytes (1P)"
-        ))
-    } else {
-        Ok(())
-    }
+        reason: match e {
+            NameError::Empty => "empty",
+            NameError::TooLong(_) => "longer than 64 bytes",
+            NameError::LeadingDot => "must not start with a dot",
+            NameError::InvalidChar(_) => "only letters, digits, '.', '_' and '-' are allowed",
+        }
+        .to_owned(),
+    })
 }
 
 /// Parses `NAME=SIZE` into a validated [`ExportSpec`].
@@ -797,14 +753,9 @@ pub fn parse_export(s: &str) -> Result<ExportSpec, ConfigError> {
         .trim()
         .split_once('=')
         .ok_or_else(|| err("expected NAME=SIZE, e.g. default=1G".to_owned()))?;
-    let name = name.trim();
-    validate_export_name(name).map_err(|e| err(e.to_string()))?;
+    let name = validate_export_name(name.trim()).map_err(|e| err(e.to_string()))?;
     let size = parse_size(size).map_err(|e| err(e.to_string()))?;
-    validate_export_size(size).map_err(err)?;
-    Ok(ExportSpec {
-        name: name.to_owned(),
-        size,
-    })
+    ExportSpec::new(name, size).map_err(|e| err(e.to_string()))
 }
 
 fn parse_on_off(s: &str) -> Result<OnOff, ConfigError> {
@@ -1127,23 +1078,19 @@ impl ServeConfig {
                     .map(|v| v.iter().map(|s| parse_export(s)).collect())
             },
         )?;
-        let exports_explicit = matches!(&exports, Some(Sourced { value, .. }) if !value.is_empty());
         let exports = match exports {
             Some(Sourced { value, origin }) if !value.is_empty() => {
                 for (i, e) in value.iter().enumerate() {
                     if value.iter().take(i).any(|p| p.name == e.name) {
                         return Err(ConfigError::DuplicateExport {
-                            name: e.name.clone(),
+                            name: e.name.to_string(),
                             origin,
                         });
                     }
                 }
-                value
+                Exports::Explicit(value)
             }
-            _ => vec![ExportSpec {
-                name: DEFAULT_EXPORT_NAME.to_owned(),
-                size: DEFAULT_EXPORT_SIZE,
-            }],
+            _ => Exports::Default,
         };
 
         let encryption = or_default(
@@ -1362,7 +1309,6 @@ impl ServeConfig {
             socket: socket.value,
             socket_mode: socket_mode.value,
             exports,
-            exports_explicit,
             encryption: match encryption.value {
                 OnOff::On => Encryption::On,
                 OnOff::Off => Encryption::Off,
@@ -1565,7 +1511,7 @@ mod tests {
         assert_eq!(
             parse_export("a=1G").unwrap(),
             ExportSpec {
-                name: "a".into(),
+                name: ExportName::parse("a").unwrap(),
                 size: 1 << 30
             }
         );
@@ -1659,11 +1605,7 @@ mod tests {
                 data_dir: PathBuf::from("./ear-data"),
                 socket: PathBuf::from("./ear.sock"),
                 socket_mode: 0o600,
-                exports: vec![ExportSpec {
-                    name: "default".into(),
-                    size: 1 << 30
-                }],
-                exports_explicit: false,
+                exports: Exports::Default,
                 encryption: Encryption::On,
                 kms: Some(KmsConfig::Local {
                     kek_file: PathBuf::from("./ear-data/local.kek")
@@ -1692,6 +1634,20 @@ mod tests {
     }
 
     #[test]
+    fn an_explicit_default_export_is_explicit() {
+        // `--export default=2G` names the default export's name, but it is
+        // still a configured size: it must grow an existing export.
+        let c = resolve(&["--export", "default=2G"], &[], None).unwrap();
+        assert_eq!(
+            c.exports,
+            Exports::Explicit(vec![ExportSpec {
+                name: ExportName::parse("default").unwrap(),
+                size: 2 << 30
+            }])
+        );
+    }
+
+    #[test]
     fn precedence_cli_env_file_default() {
         let toml = r#"
             data_dir = "/file"
@@ -1713,6 +1669,7 @@ mod tests {
         assert_eq!(c.max_connections, 8);
         assert_eq!(
             c.exports
+                .explicit()
                 .iter()
                 .map(|e| e.name.as_str())
                 .collect::<Vec<_>>(),
@@ -1730,7 +1687,10 @@ mod tests {
         let c = resolve(&[], &[], Some(toml)).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/file"));
         assert_eq!(c.max_connections, 7);
-        assert_eq!(c.exports, [parse_export("f=1G").unwrap()]);
+        assert_eq!(
+            c.exports,
+            Exports::Explicit(vec![parse_export("f=1G").unwrap()])
+        );
         // CLI lists replace env lists; repeated flags accumulate.
         let c = resolve(
             &[
@@ -1747,8 +1707,8 @@ mod tests {
             Some(toml),
         )
         .unwrap();
-        assert_eq!(c.exports.len(), 2);
-        assert_eq!(c.exports[0].name, "c");
+        assert_eq!(c.exports.explicit().len(), 2);
+        assert_eq!(c.exports.explicit()[0].name.as_str(), "c");
         assert_eq!(c.allow_uids, [4, 5]);
         // An empty env var counts as unset.
         let c = resolve(&[], &[("EAR_DATA_DIR", "")], Some(toml)).unwrap();

@@ -30,7 +30,7 @@ use crate::keys::revocation::{watch_master_key, RevocationState};
 use crate::keys::{with_deadline, DeadlineError, KeyError, KeyProvider, MasterKeyState};
 use crate::server::observe::RequestMetrics;
 use crate::server::{self, ServerConfig, Shared};
-use crate::store::{self, ExportSpec, Store};
+use crate::store::Store;
 
 /// A started sidecar: keys in memory, exports open, socket bound.
 pub struct App {
@@ -324,27 +324,15 @@ async fn check_aws_key(
     Ok(())
 }
 
-/// Opens the exports. An explicit --export list is created/grown; with none,
-/// a fresh directory gets the default export and an existing one serves what
-/// it has.
+/// Opens the exports. An explicit --export list is created/grown, in a fresh
+/// or an existing directory; with none, a fresh directory gets the default
+/// export and an existing one serves what it has.
 fn open_store(cfg: &ServeConfig, registry: &Registry, keys: Option<Arc<KeyRing>>) -> Result<Store> {
     let dir_id: [u8; 16] = hex::decode(registry.dir_id())
         .ok()
         .and_then(|v| v.try_into().ok())
         .ok_or_else(|| anyhow!("key registry has a malformed dir_id"))?;
-    let exports_explicit = !(cfg.exports.len() == 1 && cfg.exports[0].name == "default");
-    let specs: Vec<ExportSpec> =
-        if exports_explicit || store::existing_exports(&cfg.data_dir)?.is_empty() {
-            cfg.exports
-                .iter()
-                .map(|e| ExportSpec {
-                    name: e.name.clone(),
-                    size: e.size,
-                })
-                .collect()
-        } else {
-            vec![]
-        };
+    let specs = cfg.exports.resolve(&cfg.data_dir)?;
     let store = tokio::task::block_in_place(|| {
         Store::open_with(&cfg.data_dir, dir_id, keys, &specs, cfg.integrity)
     })

@@ -101,7 +101,7 @@ fn resolve(shared: &Shared, name: &str) -> Option<Arc<Export>> {
     if name.is_empty() {
         return shared.store.default_export().cloned();
     }
-    let name = protocol::ExportName::parse(name).ok()?;
+    let name = crate::store::ExportName::parse(name).ok()?;
     shared.store.get(name.as_str()).cloned()
 }
 

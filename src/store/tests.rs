@@ -22,7 +22,7 @@ fn ring_with(key: [u8; 32]) -> Arc<KeyRing> {
 
 fn spec(name: &str, size: u64) -> ExportSpec {
     ExportSpec {
-        name: name.into(),
+        name: ExportName::parse(name).unwrap(),
         size,
     }
 }
