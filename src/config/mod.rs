@@ -23,8 +23,8 @@
 //! the process environment.
 
 //!
-//! Submodules: [`cli`] (clap), [`env`] (value parsers and variable names),
-//! [`file`] (TOML), [`layers`] (precedence and validation).
+//! Submodules: `cli` (clap), `env` (value parsers and variable names),
+//! `file` (TOML), `layers` (precedence and validation).
 
 mod cli;
 mod env;

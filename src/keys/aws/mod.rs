@@ -26,7 +26,7 @@
 //! freed, not wiped, by the SDK.
 
 //!
-//! Submodules: [`arn`], [`stats`], [`classify`] and [`validate`].
+//! Submodules: `arn`, `stats`, `classify` and `validate`.
 
 mod arn;
 mod classify;
