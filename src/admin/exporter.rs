@@ -369,13 +369,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn line_value(text: &str, prefix: &str) -> Option<f64> {
-        text.lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-    }
+    use crate::server::observe::tests::line_value;
 
     #[test]
     fn scrape_time_sources_and_readiness() {

@@ -144,7 +144,7 @@ impl RequestMetrics {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use metrics_exporter_prometheus::PrometheusBuilder;
 
@@ -161,7 +161,8 @@ mod tests {
         }
     }
 
-    fn line_value(text: &str, prefix: &str) -> Option<f64> {
+    /// The value of the first line of `text` starting with `prefix`.
+    pub(crate) fn line_value(text: &str, prefix: &str) -> Option<f64> {
         text.lines()
             .find(|l| l.starts_with(prefix))
             .and_then(|l| l.rsplit(' ').next())
