@@ -328,5 +328,5 @@ if any(s.get("overhead_ratio_runs") for row in summary.values() for s in row.val
                 cpg = s["server_cpu_s_per_gb"]
                 print(f"| {names.get(w, w)} | {t} | {runs} | {cpg:.2f} |" if cpg is not None else f"| {names.get(w, w)} | {t} | {runs} | - |")
 print()
-print("Targets (issue 2): ear-on ≥ 0.85 × nbdkit on 1 MiB sequential, ≥ 0.8 × on 4 KiB random, ≥ 0.9 × ear-off.")
+print("Targets: ear-on ≥ 0.85 × nbdkit on 1 MiB sequential, ≥ 0.8 × on 4 KiB random, ≥ 0.9 × ear-off.")
 EOF

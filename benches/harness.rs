@@ -1,7 +1,7 @@
 //! Load harness: drives ear-sidecar over its Unix socket with its own
 //! pipelined async NBD client and reports what encryption at rest costs.
 //!
-//! It owns the end-to-end measurement of issue 5: N connections × queue depth
+//! It owns the end-to-end measurement: N connections × queue depth
 //! per connection, six workloads, HDR-histogram latency percentiles, and
 //! encryption on and off measured in the same run, alternating per round so
 //! machine drift hits both sides alike. It either starts two sidecars itself

@@ -1,26 +1,31 @@
 //! ear-sidecar: an NBD server on a Unix socket that gives any block consumer
 //! encryption at rest under a customer-managed key.
 //!
-//! Module map (dependencies point downwards only):
+//! Module map (dependencies point downwards only; see ARCHITECTURE.md):
 //!
-//! * [`protocol`] – NBD wire codec. Pure functions over bytes, no I/O.
-//! * [`crypto`]   – key types, HKDF derivation, AES-256-CTR block cipher,
-//!   the in-memory key ring. No I/O.
-//! * [`store`]    – the encrypted backing-file format and positional I/O on it.
-//! * [`keys`]     – key providers (local KEK file, AWS KMS) and the on-disk key
-//!   registry that holds only wrapped universe keys.
-//! * [`server`]   – Unix listener, per-connection state machine, request handlers.
+//! * [`app`]      – `App::start` / `App::run`: wires the layers together.
+//! * [`admin`]    – `/metrics`, `/livez`, `/readyz` on hyper; the recorder.
 //! * [`config`]   – command line / environment / TOML configuration, loaded and
 //!   validated fully before anything binds.
-//! * [`metrics`]  – Prometheus `/metrics`, `/livez`, `/readyz` on one small
-//!   HTTP listener; reads the others' counters at scrape time and records
-//!   per-request series through pre-registered handles (`server::observe`).
-#![forbid(unsafe_code)]
+//! * [`server`]   – Unix listener, per-connection state machine, request
+//!   handlers and their metrics (`server::observe`).
+//! * [`health`]   – the readiness latch and rule.
+//! * [`protocol`] – NBD wire codec. Pure functions over bytes, no I/O.
+//! * [`keys`]     – key providers (local KEK file, AWS KMS) and the on-disk key
+//!   registry that holds only wrapped universe keys.
+//! * [`store`]    – the export model, the encrypted backing-file format and
+//!   positional I/O on it.
+//! * [`crypto`]   – key types, HKDF derivation, AES-256-CTR block cipher,
+//!   the in-memory key ring. No I/O.
+//! * [`fsutil`]   – atomic file replacement and directory fsync.
 
+pub mod admin;
+pub mod app;
 pub mod config;
 pub mod crypto;
+pub mod fsutil;
+pub mod health;
 pub mod keys;
-pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod store;

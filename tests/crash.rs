@@ -1,5 +1,5 @@
-//! Crash safety and durability against the real binary (issue 7, "Crash
-//! safety and durability"): repeated kill -9 while a pipelined writer runs,
+//! Crash safety and durability against the real binary:
+//! repeated kill -9 while a pipelined writer runs,
 //! a full filesystem, a file-size limit, and a crash at each step of the key
 //! registry's atomic replacement.
 //!

@@ -1,6 +1,6 @@
-//! Fuzzing on stable Rust (issue 7, "A fuzz target for the handshake/option
-//! parser and the request parser, and one for decoding headers and block
-//! records"): proptest over arbitrary and mutated-valid bytes for every parser
+//! Fuzzing on stable Rust: a fuzz target for the handshake/option parser and
+//! the request parser, and one for decoding headers and block records.
+//! Proptest over arbitrary and mutated-valid bytes for every parser
 //! that sees untrusted input, asserting no panic plus each parser's contract
 //! (accepted requests are in range, decoders accept only canonical encodings),
 //! and a stateful byte-stream fuzz against a live server over its socket.

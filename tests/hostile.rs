@@ -1,5 +1,5 @@
-//! Hostile and broken clients against the real binary (issue 7, "Hostile and
-//! broken clients" and "Socket access"): random bytes, wrong magics, oversized
+//! Hostile and broken clients against the real binary:
+//! random bytes, wrong magics, oversized
 //! and out-of-range requests, half-closed and stalled clients, 1 000 idle
 //! connections against a connection limit, clients that vanish with requests in
 //! flight or never read their replies, and the socket's file mode and uid
@@ -19,7 +19,7 @@ use bytes::BytesMut;
 use ear_sidecar::protocol::{self, consts::*, InfoRequest};
 use hardening_common::{pattern, pattern_gen, raise_nofile, Client, Rng, Sidecar};
 
-/// RSS bound for the server after any abuse (issue: "bounded memory").
+/// RSS bound for the server after any abuse (memory stays bounded).
 const RSS_BOUND_KIB: u64 = 200 * 1024;
 
 fn assert_rss_bounded(sc: &Sidecar, what: &str) {

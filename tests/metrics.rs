@@ -310,6 +310,14 @@ fn traffic_moves_the_right_series_and_promtool_accepts_them() {
         value(&scrape(s.metrics), "ear_open_connections") == 0.0
     });
     assert!(value(&after, "ear_key_derivations_total") >= 1.0);
+    // Process metrics, read at scrape time.
+    for g in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_threads",
+    ] {
+        assert!(value(&after, g) > 0.0, "{g}");
+    }
     assert!(
         value(&after, "ear_key_cache_hits_total") + value(&after, "ear_key_cache_misses_total")
             >= 2.0

@@ -702,3 +702,34 @@ fn socket_mode_stale_socket_and_regular_file() {
     );
     assert_eq!(std::fs::read(s.socket()).expect("file kept"), b"precious");
 }
+
+/// `--export default=2G` on an existing directory grows the default export:
+/// an explicit list is applied even when it names only `default`, while no
+/// `--export` at all leaves an existing directory as it is.
+#[test]
+fn explicit_default_export_grows_an_existing_directory() {
+    let mut s = Sidecar::start(&[]);
+    s.stop();
+    let size = |s: &Sidecar| {
+        let data = s.data_dir();
+        let out = s.run_cli(&[
+            "status",
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+            "--json",
+        ]);
+        assert!(out.status.success(), "status failed:\n{}", out.both());
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("status JSON");
+        v["exports"][0]["size"].as_u64().expect("size")
+    };
+    assert_eq!(size(&s), 1 << 30);
+    s.set_args(&["--export", "default=2G"]);
+    s.start_again();
+    s.stop();
+    assert_eq!(size(&s), 2 << 30, "log:\n{}", s.log());
+    // Without --export, the existing (grown) export is served as it is.
+    s.set_args(&[]);
+    s.start_again();
+    s.stop();
+    assert_eq!(size(&s), 2 << 30);
+}

@@ -1,4 +1,4 @@
-//! Secrets never leave memory (issue 7, "Secrets"): runs the real binary with
+//! Secrets never leave memory : runs the real binary with
 //! the local provider, with traffic, debug/trace logging and every CLI
 //! command, then recomputes the universe key (unwrapping `keys.json` with the
 //! library) and every derived per-file key (HKDF per doc/FORMAT.md, checked

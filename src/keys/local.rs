@@ -160,7 +160,7 @@ impl LocalProvider {
             return Err(e);
         }
         drop(file);
-        sync_parent_dir(path)?;
+        crate::fsutil::sync_dir(path)?;
         Ok(Self::from_key(path, kek))
     }
 
@@ -286,20 +286,6 @@ fn io_err(path: &Path, what: &str, source: std::io::Error) -> KeyError {
         context: format!("{what} local KEK file {}", path.display()),
         source,
     }
-}
-
-/// fsyncs the directory containing `path`, so a create or rename in it is durable.
-pub(crate) fn sync_parent_dir(path: &Path) -> Result<(), KeyError> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| KeyError::Io {
-            context: format!("fsync directory {}", dir.display()),
-            source,
-        })
 }
 
 #[cfg(test)]

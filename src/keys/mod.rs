@@ -82,6 +82,62 @@ pub enum KeyError {
     Crypto(#[from] crate::crypto::CryptoError),
 }
 
+impl From<crate::fsutil::FsError> for KeyError {
+    fn from(e: crate::fsutil::FsError) -> Self {
+        KeyError::Io {
+            context: e.what,
+            source: e.source,
+        }
+    }
+}
+
+/// How [`with_deadline`] gave up.
+#[derive(Debug)]
+pub enum DeadlineError {
+    /// The call failed with an error that retrying cannot fix.
+    Failed(KeyError),
+    /// The deadline passed; `last` is the last transient failure, if any.
+    TimedOut {
+        /// Message of the last [`KeyError::Unavailable`].
+        last: Option<String>,
+    },
+}
+
+/// Runs the key-provider call `op` until it succeeds, fails with something
+/// other than [`KeyError::Unavailable`], or `end` passes. Between transient
+/// failures it waits 250 ms, doubling to 5 s, never past `end`. Bounds every
+/// start-up call to a provider (reachability, validation, key generation,
+/// unwrap), so an unreachable KMS fails start-up in time.
+pub async fn with_deadline<T, F, Fut>(
+    end: tokio::time::Instant,
+    mut op: F,
+) -> Result<T, DeadlineError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, KeyError>>,
+{
+    let mut pause = std::time::Duration::from_millis(250);
+    let mut last = None;
+    loop {
+        match tokio::time::timeout_at(end, op()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(KeyError::Unavailable(msg))) => last = Some(msg),
+            Ok(Err(other)) => return Err(DeadlineError::Failed(other)),
+            Err(_elapsed) => break,
+        }
+        let now = tokio::time::Instant::now();
+        if now >= end {
+            break;
+        }
+        tokio::time::sleep_until((now + pause).min(end)).await;
+        pause = (pause * 2).min(std::time::Duration::from_secs(5));
+        if tokio::time::Instant::now() >= end {
+            break;
+        }
+    }
+    Err(DeadlineError::TimedOut { last })
+}
+
 /// A key-encryption-key provider. Implementations: [`local::LocalProvider`],
 /// and the AWS KMS provider.
 #[async_trait]

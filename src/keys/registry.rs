@@ -23,9 +23,7 @@
 //! null and `versions` is empty.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::OpenOptions;
-use std::io::{ErrorKind, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -33,7 +31,6 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use super::local::sync_parent_dir;
 use super::{EncryptionContext, KeyError, KeyProvider, WrappedKey};
 use crate::crypto::{fill_random, KeyRing, SecretKey};
 
@@ -364,7 +361,7 @@ impl Registry {
 
     /// Writes the registry atomically to its path.
     pub fn save(&self) -> Result<(), KeyError> {
-        write_atomic(&self.path, &self.to_json()?)
+        crate::fsutil::write_atomic(&self.path, &self.to_json()?).map_err(KeyError::from)
     }
 
     /// Checks that this directory may be served with the configured mode and
@@ -508,42 +505,6 @@ fn now_unix() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// Replaces `path` with `bytes` atomically: writes `<path>.tmp` (mode 0600,
-/// removed first if stale), fsyncs it, renames it over `path`, fsyncs the
-/// directory. A crash leaves either the old or the new file, never a mix.
-/// Not safe for concurrent writers of the same path.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
-    let mut tmp_name = path.as_os_str().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    let io = |what: &str, p: &Path, source: std::io::Error| KeyError::Io {
-        context: format!("{what} {}", p.display()),
-        source,
-    };
-    match std::fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(io("remove stale", &tmp, e)),
-    }
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| io("create", &tmp, e))?;
-        f.write_all(bytes).map_err(|e| io("write", &tmp, e))?;
-        f.sync_all().map_err(|e| io("fsync", &tmp, e))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| io("rename over", path, e))
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    sync_parent_dir(path)
 }
 
 #[cfg(test)]
@@ -719,24 +680,6 @@ mod tests {
             )),
             "{e}"
         );
-    }
-
-    #[test]
-    fn atomic_write_leaves_no_tmp() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.json");
-        // A stale tmp from a crash is replaced, not an obstacle.
-        std::fs::write(dir.path().join("keys.json.tmp"), b"stale").unwrap();
-        write_atomic(&path, b"one").unwrap();
-        write_atomic(&path, b"two").unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"two");
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert_eq!(names, vec!["keys.json".to_string()]);
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
     }
 
     fn good_json(dir_id: &str) -> serde_json::Value {

@@ -2,7 +2,7 @@
 //! master key (the customer's CMK) is still usable, and fails closed when the
 //! KMS itself has reported it revoked for longer than a grace period.
 //!
-//! Rules (issue 3):
+//! Rules:
 //!
 //! * `Ok(Enabled)` → normal; a revocation seen earlier is cleared (the key was
 //!   re-enabled within the grace period).

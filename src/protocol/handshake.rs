@@ -18,9 +18,6 @@ pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 /// Handshake flags this server always sends: `FIXED_NEWSTYLE | NO_ZEROES`.
 pub const SERVER_HANDSHAKE_FLAGS: u16 = NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES;
 
-/// Longest export name [`ExportName::parse`] accepts, in bytes.
-pub const MAX_EXPORT_NAME_LEN: usize = 64;
-
 /// Writes the 18-byte newstyle greeting: `NBDMAGIC`, `IHAVEOPT`, handshake
 /// flags [`SERVER_HANDSHAKE_FLAGS`].
 pub fn encode_greeting(buf: &mut BytesMut) {
@@ -100,7 +97,7 @@ pub fn parse_option_header(raw: &[u8; OPTION_HEADER_LEN]) -> Result<OptionHeader
 /// Payload of `NBD_OPT_INFO` / `NBD_OPT_GO`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InfoRequest {
-    /// Export name as sent (empty = default export); not yet validated as an [`ExportName`].
+    /// Export name as sent (empty = default export); not yet validated as an export name.
     pub name: String,
     /// Requested `NBD_INFO_*` items, in request order.
     pub info_types: Vec<u16>,
@@ -431,82 +428,6 @@ pub fn encode_export_name_reply(
     }
 }
 
-// ---------------------------------------------------------------- export names
-
-/// An export name safe to use as a file name component: 1..=64 bytes of
-/// `[A-Za-z0-9._-]`, not starting with a dot (so never `.`, `..`, hidden or a
-/// path). The empty name (default export) is handled by the connection layer.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ExportName(String);
-
-/// Why a string is not an [`ExportName`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum NameError {
-    /// Empty name.
-    #[error("export name is empty")]
-    Empty,
-    /// Longer than [`MAX_EXPORT_NAME_LEN`] bytes.
-    #[error("export name is {0} bytes long (maximum 64)")]
-    TooLong(usize),
-    /// Starts with `.`.
-    #[error("export name must not start with '.'")]
-    LeadingDot,
-    /// A character outside `[A-Za-z0-9._-]`.
-    #[error("export name contains {0:?}; only A-Z, a-z, 0-9, '.', '_' and '-' are allowed")]
-    InvalidChar(char),
-}
-
-impl ExportName {
-    /// Validates `s` (see the type's documentation).
-    pub fn parse(s: &str) -> Result<Self, NameError> {
-        if s.is_empty() {
-            return Err(NameError::Empty);
-        }
-        if s.len() > MAX_EXPORT_NAME_LEN {
-            return Err(NameError::TooLong(s.len()));
-        }
-        if let Some(bad) = s
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-        {
-            return Err(NameError::InvalidChar(bad));
-        }
-        if s.starts_with('.') {
-            return Err(NameError::LeadingDot);
-        }
-        Ok(Self(s.to_owned()))
-    }
-
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The name, owned.
-    pub fn into_string(self) -> String {
-        self.0
-    }
-}
-
-impl std::str::FromStr for ExportName {
-    type Err = NameError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse(s)
-    }
-}
-
-impl AsRef<str> for ExportName {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for ExportName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -806,46 +727,6 @@ mod tests {
         assert_eq!(b.len(), 10);
     }
 
-    #[test]
-    fn export_names() {
-        for ok in ["a", "disk-0", "A.b_c", "x..y", "0", &"z".repeat(64)] {
-            assert_eq!(
-                ExportName::parse(ok).map(|n| n.to_string()),
-                Ok(ok.to_string())
-            );
-        }
-        assert_eq!(ExportName::parse(""), Err(NameError::Empty));
-        assert_eq!(ExportName::parse(".a"), Err(NameError::LeadingDot));
-        assert_eq!(ExportName::parse(".."), Err(NameError::LeadingDot));
-        assert_eq!(ExportName::parse("a/b"), Err(NameError::InvalidChar('/')));
-        assert_eq!(ExportName::parse("../x"), Err(NameError::InvalidChar('/')));
-        assert_eq!(ExportName::parse("a b"), Err(NameError::InvalidChar(' ')));
-        assert_eq!(ExportName::parse("é"), Err(NameError::InvalidChar('é')));
-        assert_eq!(ExportName::parse("a\0"), Err(NameError::InvalidChar('\0')));
-        assert_eq!(
-            ExportName::parse(&"z".repeat(65)),
-            Err(NameError::TooLong(65))
-        );
-        let n: ExportName = "vol1".parse().unwrap();
-        assert_eq!(n.as_str(), "vol1");
-        assert_eq!(n.as_ref(), "vol1");
-        assert_eq!(n.into_string(), "vol1");
-    }
-
-    fn oracle(s: &str) -> bool {
-        !s.is_empty()
-            && s.len() <= 64
-            && !s.starts_with('.')
-            && s.bytes().all(|b| {
-                b.is_ascii_uppercase()
-                    || b.is_ascii_lowercase()
-                    || b.is_ascii_digit()
-                    || b == b'.'
-                    || b == b'_'
-                    || b == b'-'
-            })
-    }
-
     proptest! {
         #[test]
         fn parse_option_never_panics(option in prop_oneof![0u32..16, any::<u32>()],
@@ -882,22 +763,6 @@ mod tests {
             req.encode(&mut b);
             let parsed = parse_option(OptionHeader { option: NBD_OPT_SET_META_CONTEXT, length: b.len() as u32 }, &b);
             prop_assert_eq!(parsed, Ok(ClientOption::SetMetaContext(req)));
-        }
-
-        #[test]
-        fn export_name_matches_oracle(s in "[A-Za-z0-9._/ \\-\u{0}\u{e9}:]{0,70}") {
-            prop_assert_eq!(ExportName::parse(&s).is_ok(), oracle(&s));
-        }
-
-        #[test]
-        fn export_name_any_string_matches_oracle(s in any::<String>()) {
-            prop_assert_eq!(ExportName::parse(&s).is_ok(), oracle(&s));
-        }
-
-        #[test]
-        fn valid_export_names_accepted(s in "[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}") {
-            let n = ExportName::parse(&s);
-            prop_assert_eq!(n.map(ExportName::into_string), Ok(s));
         }
     }
 }

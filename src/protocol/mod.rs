@@ -18,7 +18,6 @@
 //!   `NBD_OPT_EXPORT_NAME`, which cannot report errors: close).
 //! * [`RequestError`] – a transmission request that must be refused: reply
 //!   with its `errno`, and first read and discard `discard` payload bytes.
-//! * [`NameError`] – an export name outside our safe alphabet.
 //! * [`EncodeError`] – a reply that cannot be framed (caller bug).
 //!
 //! Byte order is big-endian everywhere. Submodules: [`consts`] (every spec
@@ -43,15 +42,14 @@ pub use handshake::{
     encode_export_name_reply, encode_greeting, encode_info_block_size, encode_info_description,
     encode_info_export, encode_info_name, encode_option_reply, encode_rep_ack, encode_rep_error,
     encode_rep_meta_context, encode_rep_server, parse_client_flags, parse_option,
-    parse_option_header, ClientFlags, ClientOption, ExportName, InfoRequest, MetaContextRequest,
-    NameError, OptionError, OptionHeader, MAX_EXPORT_NAME_LEN, MAX_OPTION_LEN,
-    SERVER_HANDSHAKE_FLAGS,
+    parse_option_header, ClientFlags, ClientOption, InfoRequest, MetaContextRequest, OptionError,
+    OptionHeader, MAX_OPTION_LEN, SERVER_HANDSHAKE_FLAGS,
 };
 pub use transmission::{
     encode_block_status, encode_error_reply, encode_offset_data_header, encode_offset_hole,
     encode_simple_reply, encode_structured_chunk_header, encode_structured_error,
     encode_structured_error_offset, encode_structured_none_done, parse_request_header,
-    ExportLimits, RawRequest, Request, RequestError, RequestErrorReason, RequestKind,
+    ExportLimits, Op, RawRequest, Request, RequestError, RequestErrorReason, RequestKind,
 };
 
 /// Fatal protocol violations: the peer's framing can no longer be trusted and

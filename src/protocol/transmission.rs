@@ -138,6 +138,72 @@ pub enum RequestKind {
     },
 }
 
+/// The command of a request, as a bounded label for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// `NBD_CMD_READ`
+    Read,
+    /// `NBD_CMD_WRITE`
+    Write,
+    /// `NBD_CMD_FLUSH`
+    Flush,
+    /// `NBD_CMD_TRIM`
+    Trim,
+    /// `NBD_CMD_WRITE_ZEROES`
+    WriteZeroes,
+    /// `NBD_CMD_CACHE`
+    Cache,
+    /// `NBD_CMD_BLOCK_STATUS`
+    BlockStatus,
+}
+
+impl Op {
+    /// Every operation, in [`Op::index`] order.
+    pub const ALL: [Op; 7] = [
+        Op::Read,
+        Op::Write,
+        Op::Flush,
+        Op::Trim,
+        Op::WriteZeroes,
+        Op::Cache,
+        Op::BlockStatus,
+    ];
+
+    /// Position in [`Op::ALL`], for per-op tables.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+            Op::Trim => "trim",
+            Op::WriteZeroes => "write_zeroes",
+            Op::Cache => "cache",
+            Op::BlockStatus => "block_status",
+        }
+    }
+}
+
+impl RequestKind {
+    /// The operation label of this request. A disconnect never reaches a
+    /// handler; it is labelled as the flush it implies.
+    pub fn op(&self) -> Op {
+        match self {
+            RequestKind::Read { .. } => Op::Read,
+            RequestKind::Write { .. } => Op::Write,
+            RequestKind::Flush | RequestKind::Disconnect => Op::Flush,
+            RequestKind::Trim { .. } => Op::Trim,
+            RequestKind::WriteZeroes { .. } => Op::WriteZeroes,
+            RequestKind::Cache { .. } => Op::Cache,
+            RequestKind::BlockStatus { .. } => Op::BlockStatus,
+        }
+    }
+}
+
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RequestErrorReason {

@@ -101,7 +101,7 @@ fn resolve(shared: &Shared, name: &str) -> Option<Arc<Export>> {
     if name.is_empty() {
         return shared.store.default_export().cloned();
     }
-    let name = protocol::ExportName::parse(name).ok()?;
+    let name = crate::store::ExportName::parse(name).ok()?;
     shared.store.get(name.as_str()).cloned()
 }
 
@@ -354,6 +354,7 @@ async fn transmission(
     // Payload bytes in flight on this connection: one client cannot take the
     // whole server-wide budget.
     let conn_bytes = Arc::new(Semaphore::new(2 * shared.config.max_request as usize));
+    let observer = shared.metrics.export(export.name());
     let limits = ExportLimits {
         size: export.size(),
         max_request: shared.config.max_request,
@@ -420,7 +421,9 @@ async fn transmission(
                         reply,
                         _permits: Some([slot, mine, budget]),
                     });
-                    crate::server::observe(&shared, &export, &done);
+                    if let Some(o) = &observer {
+                        o.record(&done);
+                    }
                     // Let the writer send this reply now rather than after
                     // the whole batch of pipelined requests: the client can
                     // submit its next request while we serve the rest.
@@ -430,14 +433,16 @@ async fn transmission(
             }
             let export = Arc::clone(&export);
             let tx = tx.clone();
-            let shared2 = Arc::clone(&shared);
+            let observer = observer.clone();
             tokio::task::spawn_blocking(move || {
                 let (reply, done) = handler::execute(&export, req.cookie, req.kind, payload, mode);
                 let _ = tx.send(Outgoing {
                     reply,
                     _permits: Some([slot, mine, budget]),
                 });
-                crate::server::observe(&shared2, &export, &done);
+                if let Some(o) = &observer {
+                    o.record(&done);
+                }
             });
         }
     }

@@ -6,56 +6,52 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::protocol::{self, consts::*, RequestKind};
+use super::observe::Completion;
+use crate::protocol::{self, consts::*, Op, RequestKind};
 use crate::store::{Export, IoStats, StoreError};
 
-/// Operation label (bounded set, used by metrics and logs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Op {
-    /// NBD_CMD_READ
-    Read,
-    /// NBD_CMD_WRITE
-    Write,
-    /// NBD_CMD_FLUSH
-    Flush,
-    /// NBD_CMD_TRIM
-    Trim,
-    /// NBD_CMD_WRITE_ZEROES
-    WriteZeroes,
-    /// NBD_CMD_CACHE
-    Cache,
-    /// NBD_CMD_BLOCK_STATUS
-    BlockStatus,
+type Outcome = Result<IoStats, RequestFailure>;
+
+/// Why a request failed: the store refused or failed it, or the request
+/// itself was malformed in a way the codec could not catch.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestFailure {
+    /// The store failed the operation.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The request does not fit what was negotiated.
+    #[error("{0}")]
+    Protocol(&'static str),
 }
 
-impl Op {
-    /// Label value.
-    pub fn as_str(self) -> &'static str {
+impl RequestFailure {
+    /// The NBD errno a client sees.
+    pub fn errno(&self) -> u32 {
         match self {
-            Op::Read => "read",
-            Op::Write => "write",
-            Op::Flush => "flush",
-            Op::Trim => "trim",
-            Op::WriteZeroes => "write_zeroes",
-            Op::Cache => "cache",
-            Op::BlockStatus => "block_status",
+            RequestFailure::Store(e) => errno(e),
+            RequestFailure::Protocol(_) => NBD_EINVAL,
+        }
+    }
+
+    /// A short, bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RequestFailure::Store(e) => e.kind(),
+            RequestFailure::Protocol(_) => "protocol",
         }
     }
 }
 
-/// What happened to one request, for metrics and logs.
-#[derive(Debug, Clone)]
-pub struct Completion {
-    /// The operation.
-    pub op: Op,
-    /// Payload bytes moved (read or written; zeroed/trimmed range length).
-    pub bytes: u64,
-    /// `None` on success, else a bounded error label (`io`, `corrupt`, …).
-    pub error: Option<&'static str>,
-    /// Cipher and storage time inside the request.
-    pub stats: IoStats,
-    /// Handler wall time (excludes socket I/O and queueing).
-    pub elapsed: Duration,
+/// The NBD errno for a store error: `ENOSPC` when storage is full, `EINVAL`
+/// for a range outside the export, `EIO` for everything else.
+pub fn errno(e: &StoreError) -> u32 {
+    if e.is_no_space() {
+        NBD_ENOSPC
+    } else if matches!(e, StoreError::OutOfRange { .. }) {
+        NBD_EINVAL
+    } else {
+        NBD_EIO
+    }
 }
 
 /// Per-connection reply settings.
@@ -77,27 +73,26 @@ pub fn execute(
     mode: ReplyMode,
 ) -> (Bytes, Completion) {
     let t0 = Instant::now();
-    let (reply, op, bytes, res) = match kind {
+    let op = kind.op();
+    let (reply, bytes, res) = match kind {
         RequestKind::Read { offset, len, .. } => {
             let (reply, res) = read(export, cookie, offset, len, mode, false);
-            return finish(reply, Op::Read, u64::from(len), res, t0);
+            return finish(reply, op, u64::from(len), res, t0);
         }
         RequestKind::Write { offset, len, fua } => {
             let mut data = payload.unwrap_or_default();
             let res = if data.len() == len as usize {
-                export.write(offset, &mut data, fua)
+                export.write(offset, &mut data, fua).map_err(Into::into)
             } else {
-                Err(StoreError::Config("payload length mismatch".into()))
+                Err(RequestFailure::Protocol("payload length mismatch"))
             };
-            (None, Op::Write, u64::from(len), res)
+            (None, u64::from(len), res)
         }
-        RequestKind::Flush => (None, Op::Flush, 0, export.flush()),
-        RequestKind::Trim { offset, len, fua } => (
-            None,
-            Op::Trim,
-            u64::from(len),
-            export.trim(offset, u64::from(len), fua),
-        ),
+        RequestKind::Flush => (None, 0, export.flush().map_err(Into::into)),
+        RequestKind::Trim { offset, len, fua } => {
+            let res = export.trim(offset, u64::from(len), fua);
+            (None, u64::from(len), res.map_err(Into::into))
+        }
         RequestKind::WriteZeroes {
             offset,
             len,
@@ -116,34 +111,28 @@ pub fn execute(
                     "fast zero with NO_HOLE is not faster than a write",
                     mode.structured,
                 );
-                return (
-                    b.freeze(),
-                    Completion {
-                        op: Op::WriteZeroes,
-                        bytes: 0,
-                        error: Some("not_supported"),
-                        stats: IoStats::default(),
-                        elapsed: t0.elapsed(),
-                    },
-                );
+                let done = Completion {
+                    op,
+                    bytes: 0,
+                    error: Some("not_supported"),
+                    stats: IoStats::default(),
+                    elapsed: t0.elapsed(),
+                };
+                return (b.freeze(), done);
             }
-            (
-                None,
-                Op::WriteZeroes,
-                u64::from(len),
-                export.write_zeroes(offset, u64::from(len), no_hole, fua),
-            )
+            let res = export.write_zeroes(offset, u64::from(len), no_hole, fua);
+            (None, u64::from(len), res.map_err(Into::into))
         }
-        RequestKind::Cache { len, .. } => (None, Op::Cache, u64::from(len), Ok(IoStats::default())),
+        RequestKind::Cache { len, .. } => (None, u64::from(len), Ok(IoStats::default())),
         RequestKind::BlockStatus {
             offset,
             len,
             req_one,
         } => {
             let (reply, res) = block_status(export, cookie, offset, len, req_one, mode);
-            (Some(reply), Op::BlockStatus, u64::from(len), res)
+            (Some(reply), u64::from(len), res)
         }
-        RequestKind::Disconnect => (None, Op::Flush, 0, Ok(IoStats::default())),
+        RequestKind::Disconnect => (None, 0, Ok(IoStats::default())),
     };
     let reply = match (&res, reply) {
         (Ok(_), Some(r)) => r,
@@ -161,13 +150,7 @@ pub fn execute(
     finish(reply, op, bytes, res, t0)
 }
 
-fn finish(
-    reply: Bytes,
-    op: Op,
-    bytes: u64,
-    res: Result<IoStats, StoreError>,
-    t0: Instant,
-) -> (Bytes, Completion) {
+fn finish(reply: Bytes, op: Op, bytes: u64, res: Outcome, t0: Instant) -> (Bytes, Completion) {
     let (stats, error) = match res {
         Ok(s) => (s, None),
         Err(e) => {
@@ -187,23 +170,24 @@ fn finish(
     )
 }
 
-fn log_error(op: Op, e: &StoreError) {
+fn log_error(op: Op, e: &RequestFailure) {
     match e {
-        StoreError::OutOfRange { .. } => {
+        RequestFailure::Store(StoreError::OutOfRange { .. }) | RequestFailure::Protocol(_) => {
             tracing::debug!(op = op.as_str(), error = %e, "request refused")
         }
         _ => tracing::warn!(op = op.as_str(), error = %e, "request failed"),
     }
 }
 
-fn error_reply(cookie: u64, e: &StoreError, mode: ReplyMode) -> Bytes {
+fn error_reply(cookie: u64, e: &RequestFailure, mode: ReplyMode) -> Bytes {
     let mut b = BytesMut::with_capacity(64);
     // Messages go to a client that may not be trusted with paths: keep it short.
     let msg = match e {
-        StoreError::Corrupt { .. } => "block failed its integrity check",
-        StoreError::Crypto(_) => "encryption keys unavailable",
-        StoreError::OutOfRange { .. } => "range outside the export",
-        _ => "storage error",
+        RequestFailure::Store(StoreError::Corrupt { .. }) => "block failed its integrity check",
+        RequestFailure::Store(StoreError::Crypto(_)) => "encryption keys unavailable",
+        RequestFailure::Store(StoreError::OutOfRange { .. }) => "range outside the export",
+        RequestFailure::Store(_) => "storage error",
+        RequestFailure::Protocol(why) => why,
     };
     protocol::encode_error_reply(&mut b, cookie, e.errno(), msg, mode.structured);
     b.freeze()
@@ -223,7 +207,7 @@ pub fn try_cached_read(
     };
     let t0 = Instant::now();
     let (reply, res) = read(export, cookie, offset, len, mode, true);
-    if let Err(StoreError::WouldBlock) = res {
+    if let Err(RequestFailure::Store(StoreError::WouldBlock)) = res {
         return None;
     }
     Some(finish(reply, Op::Read, u64::from(len), res, t0))
@@ -236,18 +220,19 @@ fn read(
     len: u32,
     mode: ReplyMode,
     nowait: bool,
-) -> (Bytes, Result<IoStats, StoreError>) {
+) -> (Bytes, Outcome) {
     let n = len as usize;
     // The reply header is written in front of the data in the same buffer,
     // so the whole reply goes out in one write.
     let hdr = if mode.structured { 28 } else { 16 };
     let mut buf = vec![0u8; hdr + n];
-    let res = if nowait {
+    let res: Outcome = if nowait {
         export.try_read_cached(offset, &mut buf[hdr..])
     } else {
         export.read(offset, &mut buf[hdr..])
-    };
-    if let Err(StoreError::WouldBlock) = res {
+    }
+    .map_err(Into::into);
+    if let Err(RequestFailure::Store(StoreError::WouldBlock)) = res {
         return (Bytes::new(), res);
     }
     match &res {
@@ -256,10 +241,8 @@ fn read(
             if mode.structured {
                 // Cannot fail: len + 8 fits in u32 (len <= max request).
                 if protocol::encode_offset_data_header(&mut h, cookie, offset, len, true).is_err() {
-                    return (
-                        error_reply(cookie, &StoreError::Config("reply too large".into()), mode),
-                        res,
-                    );
+                    let e = RequestFailure::Protocol("reply too large");
+                    return (error_reply(cookie, &e, mode), Err(e));
                 }
             } else {
                 protocol::encode_simple_reply(&mut h, cookie, 0);
@@ -278,7 +261,7 @@ fn block_status(
     len: u32,
     req_one: bool,
     mode: ReplyMode,
-) -> (Bytes, Result<IoStats, StoreError>) {
+) -> (Bytes, Outcome) {
     let Some(ctx) = mode.base_allocation else {
         let mut b = BytesMut::new();
         protocol::encode_error_reply(
@@ -292,7 +275,10 @@ fn block_status(
     };
     let t = Instant::now();
     match export.allocation(offset, u64::from(len)) {
-        Err(e) => (error_reply(cookie, &e, mode), Err(e)),
+        Err(e) => {
+            let e = RequestFailure::Store(e);
+            (error_reply(cookie, &e, mode), Err(e))
+        }
         Ok(runs) => {
             let mut extents: Vec<(u32, u32)> = runs
                 .into_iter()

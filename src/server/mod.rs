@@ -7,9 +7,10 @@
 
 pub mod connection;
 pub mod handler;
+pub mod observe;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +18,9 @@ use tokio::net::UnixListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::crypto::KeyRing;
+use crate::health::Health;
 use crate::store::Store;
+use observe::RequestMetrics;
 
 /// Errors of the server layer.
 #[derive(Debug, thiserror::Error)]
@@ -75,47 +77,37 @@ impl Default for ServerConfig {
     }
 }
 
-/// Readiness/liveness state shared with the health endpoints.
-#[derive(Debug, Default)]
-pub struct Health {
-    /// Socket listening and keys loaded.
-    pub ready: AtomicBool,
-    /// Shutdown drain in progress.
-    pub draining: AtomicBool,
-    /// Open NBD connections.
-    pub connections: AtomicUsize,
-}
-
 /// What every connection shares.
 #[derive(Debug)]
 pub struct Shared {
     /// The exports.
     pub store: Arc<Store>,
-    /// The key ring (None in plaintext mode).
-    pub keys: Option<Arc<KeyRing>>,
     /// Limits and policy.
     pub config: ServerConfig,
     /// Health latch.
     pub health: Arc<Health>,
     /// Global in-flight payload budget (bytes).
     pub inflight_bytes: Arc<Semaphore>,
+    /// Per-(export, op) request series; empty when metrics are off.
+    pub metrics: RequestMetrics,
 }
 
 impl Shared {
-    /// Builds the shared state.
+    /// Builds the shared state. `metrics` holds the request series of the
+    /// exports (see [`observe`]); `RequestMetrics::default()` records nothing.
     pub fn new(
         store: Arc<Store>,
-        keys: Option<Arc<KeyRing>>,
         config: ServerConfig,
         health: Arc<Health>,
+        metrics: RequestMetrics,
     ) -> Arc<Self> {
         let budget = config.inflight_bytes.max(config.max_request as usize);
         Arc::new(Self {
             store,
-            keys,
             inflight_bytes: Arc::new(Semaphore::new(budget)),
             config,
             health,
+            metrics,
         })
     }
 }
@@ -245,9 +237,4 @@ pub async fn run(
         tracing::warn!("drain timed out; closing remaining connections");
         conns.shutdown().await;
     }
-}
-
-/// Records one completed request (metrics hook; see the metrics module).
-pub fn observe(_shared: &Shared, export: &crate::store::Export, done: &handler::Completion) {
-    crate::metrics::record_request(export.name(), done);
 }

@@ -228,7 +228,7 @@ impl Export {
             .map_err(io("size"))?;
         file.sync_all().map_err(io("fsync"))?;
         std::fs::rename(&tmp, path).map_err(io("rename into place"))?;
-        sync_dir(path)?;
+        crate::fsutil::sync_dir(path)?;
         Ok(Export {
             name: name.to_string(),
             path: path.to_path_buf(),
@@ -843,17 +843,6 @@ fn punch_hole(file: &File, offset: u64, len: u64) {
     ) {
         tracing::debug!(error = %e, "hole punching not available");
     }
-}
-
-/// fsyncs the directory containing `path` so a rename is durable.
-pub(crate) fn sync_dir(path: &Path) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| StoreError::Io {
-            what: format!("fsync directory {}", dir.display()),
-            source,
-        })
 }
 
 impl From<HeaderError> for StoreError {

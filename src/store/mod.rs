@@ -8,12 +8,14 @@
 pub mod export;
 pub mod format;
 mod locks;
+pub mod spec;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use export::{Export, IoStats};
+pub use spec::{ExportName, ExportSpec, Exports, NameError, SizeError};
 
 use crate::crypto::{CryptoError, KeyRing};
 
@@ -92,26 +94,21 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// The NBD errno a client should see for this error.
-    pub fn errno(&self) -> u32 {
-        const EIO: u32 = 5;
-        const EINVAL: u32 = 22;
-        const ENOSPC: u32 = 28;
-        match self {
-            StoreError::Io { source, .. } => match source.raw_os_error() {
-                Some(28) | Some(122) => ENOSPC, // ENOSPC, EDQUOT
-                Some(27) => ENOSPC,             // EFBIG (file size limit)
-                _ => EIO,
-            },
-            StoreError::OutOfRange { .. } => EINVAL,
-            _ => EIO,
-        }
+    /// Whether the backing storage ran out of room: the file system is full
+    /// (`ENOSPC`), a quota is exhausted (`EDQUOT`) or the file-size limit was
+    /// reached (`EFBIG`).
+    pub fn is_no_space(&self) -> bool {
+        const ENOSPC: i32 = 28;
+        const EDQUOT: i32 = 122;
+        const EFBIG: i32 = 27;
+        matches!(self, StoreError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(ENOSPC | EDQUOT | EFBIG)))
     }
 
     /// A short, bounded label for metrics (`io`, `corrupt`, `nospace`, …).
     pub fn kind(&self) -> &'static str {
         match self {
-            StoreError::Io { .. } if self.errno() == 28 => "nospace",
+            StoreError::Io { .. } if self.is_no_space() => "nospace",
             StoreError::Io { .. } => "io",
             StoreError::BadHeader { .. } => "bad_header",
             StoreError::Corrupt { .. } => "corrupt",
@@ -125,13 +122,13 @@ impl StoreError {
     }
 }
 
-/// A requested export: created when missing, grown when larger.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExportSpec {
-    /// Name (already validated).
-    pub name: String,
-    /// Size in bytes.
-    pub size: u64,
+impl From<crate::fsutil::FsError> for StoreError {
+    fn from(e: crate::fsutil::FsError) -> Self {
+        StoreError::Io {
+            what: e.what,
+            source: e.source,
+        }
+    }
 }
 
 /// File name suffix of backing files.
@@ -140,16 +137,6 @@ pub const SUFFIX: &str = ".ear";
 /// Directory of backing files inside the data directory.
 pub fn exports_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("exports")
-}
-
-/// True for names we accept for exports: `[A-Za-z0-9._-]`, no leading dot, 1..=64 bytes.
-pub fn valid_export_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= format::NAME_MAX
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'_' || c == b'-')
 }
 
 /// Names of backing files present in `data_dir` (validated names only).
@@ -176,7 +163,7 @@ pub fn existing_exports(data_dir: &Path) -> Result<Vec<String>, StoreError> {
             continue;
         };
         if let Some(name) = fname.strip_suffix(SUFFIX) {
-            if valid_export_name(name) {
+            if ExportName::parse(name).is_ok() {
                 names.push(name.to_string());
             }
         }
@@ -240,12 +227,6 @@ impl Store {
             exports.insert(name, e);
         }
         for spec in specs {
-            if !valid_export_name(&spec.name) {
-                return Err(StoreError::Config(format!(
-                    "invalid export name {:?}: use 1-64 of [A-Za-z0-9._-], not starting with '.'",
-                    spec.name
-                )));
-            }
             if spec.size == 0 || spec.size > format::MAX_EXPORT_SIZE {
                 return Err(StoreError::Config(format!(
                     "export {}: size {} is outside 1..={}",
@@ -254,7 +235,7 @@ impl Store {
                     format::MAX_EXPORT_SIZE
                 )));
             }
-            match exports.get_mut(&spec.name) {
+            match exports.get_mut(spec.name.as_str()) {
                 Some(e) => {
                     if spec.size > e.size() {
                         tracing::info!(export = %spec.name, from = e.size(), to = spec.size, "growing export");
@@ -264,9 +245,9 @@ impl Store {
                 None => {
                     let path = dir.join(format!("{}{SUFFIX}", spec.name));
                     tracing::info!(export = %spec.name, size = spec.size, "creating export");
-                    let e =
-                        Export::create(&path, &spec.name, spec.size, dir_id, keys.clone(), mode)?;
-                    exports.insert(spec.name.clone(), e);
+                    let name = spec.name.as_str();
+                    let e = Export::create(&path, name, spec.size, dir_id, keys.clone(), mode)?;
+                    exports.insert(spec.name.to_string(), e);
                 }
             }
         }

@@ -15,10 +15,15 @@
 //! * [`Rng`]: a small seeded generator for reproducible test data, and
 //!   [`scan_dir_for`] to look for byte patterns in every file of a directory.
 //!
+//! * [`in_process::TestServer`]: `server::run` in-process on a temporary
+//!   store, for tests that look inside the server.
+//!
 //! Every wait here is bounded; nothing depends on sleeping "long enough".
 //! Include it with `mod common;` (each test crate uses a subset, hence the
 //! `dead_code` allowance).
 #![allow(dead_code)]
+
+pub mod in_process;
 
 use std::fs::File;
 use std::io::Read;

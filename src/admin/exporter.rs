@@ -1,0 +1,414 @@
+//! The metrics exporter: the Prometheus recorder, the HELP text of every
+//! series, and the scrape-time sources it reads.
+//!
+//! * **Request series are the server's.** They are registered by
+//!   [`crate::server::observe::RequestMetrics`] with the recorder installed
+//!   here and recorded by the server itself; this module only describes them.
+//! * **Scrape-time export of existing atomics.** Key-cache counters
+//!   ([`crate::crypto::CacheStats`]), KMS call counters
+//!   ([`crate::keys::aws::KmsCallStats`]), revocation state, connections,
+//!   readiness and the process's CPU, memory and file descriptors are read
+//!   when `/metrics` is scraped, so they cost nothing on the I/O path.
+//! * **Real histograms.** Every `*_seconds` histogram gets the storage-I/O
+//!   [`BUCKETS`] (5 µs .. 10 s); without explicit buckets the exporter would
+//!   emit summaries, which cannot be aggregated across sidecars.
+//!
+//! Labels are bounded: `export` (configured at start-up), `op` (seven NBD
+//! commands), `result` (`ok` or an error kind); KMS series have `op` and
+//! `outcome`. Nothing per offset, per client or per key.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+
+use metrics::{Counter, Gauge, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use super::AdminError;
+use crate::crypto::KeyRing;
+use crate::health::Health;
+use crate::keys::aws::{KmsCallStats, KmsOp};
+use crate::keys::revocation::RevocationState;
+use crate::server::observe::RequestMetrics;
+use crate::store::Store;
+
+/// Histogram buckets (seconds) for every latency histogram: from a cached
+/// page-cache hit through NVMe and network disks to a stalled device.
+pub const BUCKETS: &[f64] = &[
+    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Metric names, shared by the code, the tests, the rules and doc/metrics.md.
+pub mod names {
+    pub use crate::server::observe::names::*;
+
+    /// Gauge 1 with `version` and `encryption` (`on`/`off`) labels.
+    pub const BUILD_INFO: &str = "ear_build_info";
+    /// Counter of derived-key cache hits.
+    pub const KEY_CACHE_HITS: &str = "ear_key_cache_hits_total";
+    /// Counter of derived-key cache misses.
+    pub const KEY_CACHE_MISSES: &str = "ear_key_cache_misses_total";
+    /// Counter of derived-key cache evictions.
+    pub const KEY_CACHE_EVICTIONS: &str = "ear_key_cache_evictions_total";
+    /// Counter of HKDF key derivations.
+    pub const KEY_DERIVATIONS: &str = "ear_key_derivations_total";
+    /// Counter of KMS calls by `op`, `outcome` (`ok`/`unavailable`/`refused`).
+    pub const KMS_CALLS: &str = "ear_kms_calls_total";
+    /// Counter of seconds spent in KMS calls by `op` (including SDK retries).
+    pub const KMS_CALL_SECONDS: &str = "ear_kms_call_seconds_total";
+    /// Counter of master-key revocation checks.
+    pub const REVOCATION_CHECKS: &str = "ear_revocation_checks_total";
+    /// Counter of revocation checks that got no verdict.
+    pub const REVOCATION_CHECK_FAILURES: &str = "ear_revocation_check_failures_total";
+    /// Gauge: master-key health, 0 ok, 1 revoked (grace running), 2 failed closed.
+    pub const MASTER_KEY_STATE: &str = "ear_master_key_state";
+    /// Gauge 1 while the universe key is in memory and usable.
+    pub const UNIVERSE_KEY_LOADED: &str = "ear_universe_key_loaded";
+    /// Gauge 1 after a fail-closed wipe of the keys.
+    pub const FAIL_CLOSED: &str = "ear_fail_closed";
+    /// Gauge: universe-key version used for new writes.
+    pub const ACTIVE_KEY_VERSION: &str = "ear_active_key_version";
+    /// Gauge: open NBD connections.
+    pub const OPEN_CONNECTIONS: &str = "ear_open_connections";
+    /// Gauge: exports served.
+    pub const EXPORTS: &str = "ear_exports";
+    /// Gauge 1 when `/readyz` answers 200.
+    pub const READY: &str = "ear_ready";
+}
+
+/// Registers HELP text and units of every metric with the current recorder.
+pub fn describe_all() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    use names::*;
+    describe_gauge!(
+        BUILD_INFO,
+        "Build information: version and whether encryption at rest is on."
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Time to execute one NBD request (handler wall time, excluding socket I/O and queueing)."
+    );
+    describe_histogram!(
+        REQUEST_CRYPTO,
+        Unit::Seconds,
+        "Time spent in the cipher (encrypt/decrypt, integrity) within one request."
+    );
+    describe_histogram!(
+        REQUEST_STORAGE,
+        Unit::Seconds,
+        "Time spent in backing-file I/O within one request."
+    );
+    describe_counter!(
+        REQUESTS,
+        "NBD requests completed, by result (ok or error kind)."
+    );
+    describe_counter!(
+        BYTES,
+        Unit::Bytes,
+        "Payload bytes of successful requests (read, written, zeroed or trimmed)."
+    );
+    describe_counter!(KEY_CACHE_HITS, "Derived file-key cache hits.");
+    describe_counter!(KEY_CACHE_MISSES, "Derived file-key cache misses.");
+    describe_counter!(KEY_CACHE_EVICTIONS, "Derived file-key cache evictions.");
+    describe_counter!(KEY_DERIVATIONS, "HKDF file-key derivations.");
+    describe_counter!(
+        KMS_CALLS,
+        "KMS calls by operation and outcome (ok, unavailable, refused)."
+    );
+    describe_counter!(REVOCATION_CHECKS, "Master-key revocation checks performed.");
+    describe_counter!(
+        REVOCATION_CHECK_FAILURES,
+        "Master-key revocation checks that got no verdict (KMS unreachable or erroring)."
+    );
+    describe_gauge!(
+        MASTER_KEY_STATE,
+        "Master-key health: 0 ok, 1 reported revoked (grace period running), 2 failed closed."
+    );
+    describe_gauge!(
+        UNIVERSE_KEY_LOADED,
+        "1 while the universe key is unwrapped in memory and usable."
+    );
+    describe_gauge!(
+        FAIL_CLOSED,
+        "1 after the keys were wiped (fail-closed); every I/O fails until a restart."
+    );
+    describe_gauge!(
+        ACTIVE_KEY_VERSION,
+        "Universe-key version used for new writes."
+    );
+    describe_gauge!(OPEN_CONNECTIONS, "Open NBD client connections.");
+    describe_gauge!(EXPORTS, "Exports served.");
+    describe_gauge!(
+        READY,
+        "1 when /readyz answers 200 (keys loaded, socket listening, not draining)."
+    );
+}
+
+/// Builds a recorder with [`BUCKETS`] for every histogram.
+pub fn build_recorder() -> PrometheusRecorder {
+    PrometheusBuilder::new()
+        .set_buckets(BUCKETS)
+        // Only fails on an empty slice.
+        .unwrap_or_else(|_| PrometheusBuilder::new())
+        .build_recorder()
+}
+
+#[derive(Debug)]
+struct KeyGauges {
+    hits: Counter,
+    misses: Counter,
+    evictions: Counter,
+    derivations: Counter,
+    active: Gauge,
+}
+
+#[derive(Debug)]
+struct KmsHandles {
+    // Per op: [ok, unavailable, refused].
+    ops: Vec<(KmsOp, [Counter; 3])>,
+}
+
+#[derive(Debug)]
+struct RevocationHandles {
+    state: Gauge,
+    checks: Counter,
+    failures: Counter,
+}
+
+/// The metrics layer of one process: the recorder handle, the health latch
+/// and the late-bound sources read at scrape time.
+pub struct Metrics {
+    handle: PrometheusHandle,
+    health: Arc<Health>,
+    process: metrics_process::Collector,
+    keyring: OnceLock<(Arc<KeyRing>, KeyGauges)>,
+    kms: OnceLock<(Arc<KmsCallStats>, KmsHandles)>,
+    revocation: OnceLock<(Arc<RevocationState>, RevocationHandles)>,
+    universe_loaded: Gauge,
+    fail_closed: Gauge,
+    connections: Gauge,
+    exports: Gauge,
+    ready: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Creates the metrics layer around `handle`, registering the
+    /// process-level series with the current recorder.
+    pub fn new(handle: PrometheusHandle, health: Arc<Health>, encryption_on: bool) -> Self {
+        describe_all();
+        let process = metrics_process::Collector::default();
+        process.describe();
+        metrics::gauge!(
+            names::BUILD_INFO,
+            "version" => env!("CARGO_PKG_VERSION"),
+            "encryption" => if encryption_on { "on" } else { "off" }
+        )
+        .set(1.0);
+        let m = Self {
+            handle,
+            health,
+            process,
+            keyring: OnceLock::new(),
+            kms: OnceLock::new(),
+            revocation: OnceLock::new(),
+            universe_loaded: metrics::gauge!(names::UNIVERSE_KEY_LOADED),
+            fail_closed: metrics::gauge!(names::FAIL_CLOSED),
+            connections: metrics::gauge!(names::OPEN_CONNECTIONS),
+            exports: metrics::gauge!(names::EXPORTS),
+            ready: metrics::gauge!(names::READY),
+        };
+        m.refresh();
+        m
+    }
+
+    /// Installs a process-wide recorder and returns the metrics layer.
+    pub fn install(health: Arc<Health>, encryption_on: bool) -> Result<Arc<Self>, AdminError> {
+        let recorder = build_recorder();
+        let handle = recorder.handle();
+        metrics::set_global_recorder(recorder).map_err(|_| AdminError::RecorderInstalled)?;
+        Ok(Arc::new(Self::new(handle, health, encryption_on)))
+    }
+
+    /// Registers the per-request series of every export of `store` with
+    /// this recorder, for the server to record into.
+    pub fn request_metrics(&self, store: &Store) -> RequestMetrics {
+        let names: Vec<&str> = store.exports().map(|e| e.name()).collect();
+        self.exports.set(names.len() as f64);
+        RequestMetrics::new(names)
+    }
+
+    /// Plugs in the key ring (encryption on) for key-cache and key-state series.
+    pub fn set_key_ring(&self, ring: Arc<KeyRing>) {
+        let g = KeyGauges {
+            hits: metrics::counter!(names::KEY_CACHE_HITS),
+            misses: metrics::counter!(names::KEY_CACHE_MISSES),
+            evictions: metrics::counter!(names::KEY_CACHE_EVICTIONS),
+            derivations: metrics::counter!(names::KEY_DERIVATIONS),
+            active: metrics::gauge!(names::ACTIVE_KEY_VERSION),
+        };
+        let _ = self.keyring.set((ring, g));
+    }
+
+    /// Plugs in the AWS KMS provider's call counters.
+    pub fn set_kms_stats(&self, stats: Arc<KmsCallStats>) {
+        let ops = KmsOp::ALL
+            .iter()
+            .map(|&op| {
+                let outcome = |o: &'static str| {
+                    metrics::counter!(names::KMS_CALLS, "op" => op.name(), "outcome" => o)
+                };
+                (
+                    op,
+                    [outcome("ok"), outcome("unavailable"), outcome("refused")],
+                )
+            })
+            .collect();
+        let _ = self.kms.set((stats, KmsHandles { ops }));
+    }
+
+    /// Plugs in the revocation watcher's state.
+    pub fn set_revocation(&self, state: Arc<RevocationState>) {
+        let h = RevocationHandles {
+            state: metrics::gauge!(names::MASTER_KEY_STATE),
+            checks: metrics::counter!(names::REVOCATION_CHECKS),
+            failures: metrics::counter!(names::REVOCATION_CHECK_FAILURES),
+        };
+        let _ = self.revocation.set((state, h));
+    }
+
+    /// Readiness: `Ok(())`, or why not (see [`Health::readiness`]).
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        self.health.readiness()
+    }
+
+    /// Copies the scrape-time sources (atomics, snapshots) into their series.
+    pub fn refresh(&self) {
+        let failed = self.health.failed_closed();
+        self.fail_closed.set(f64::from(u8::from(failed)));
+        self.connections
+            .set(self.health.connections.load(Ordering::Relaxed) as f64);
+        self.ready
+            .set(f64::from(u8::from(self.readiness().is_ok())));
+        let loaded = match self.keyring.get() {
+            Some((ring, g)) => {
+                let s = ring.stats();
+                g.hits.absolute(s.hits.load(Ordering::Relaxed));
+                g.misses.absolute(s.misses.load(Ordering::Relaxed));
+                g.evictions.absolute(s.evictions.load(Ordering::Relaxed));
+                g.derivations
+                    .absolute(s.derivations.load(Ordering::Relaxed));
+                g.active.set(f64::from(ring.active_version()));
+                !failed
+            }
+            None => false,
+        };
+        self.universe_loaded.set(f64::from(u8::from(loaded)));
+        if let Some((stats, h)) = self.kms.get() {
+            for (op, [ok, unavailable, refused]) in &h.ops {
+                let c = stats.op(*op);
+                ok.absolute(c.ok.load(Ordering::Relaxed));
+                unavailable.absolute(c.unavailable.load(Ordering::Relaxed));
+                refused.absolute(c.refused.load(Ordering::Relaxed));
+            }
+        }
+        if let Some((state, h)) = self.revocation.get() {
+            let s = state.snapshot();
+            h.state.set(s.gauge() as f64);
+            h.checks.absolute(s.checks);
+            h.failures.absolute(s.failed_checks);
+        }
+        self.process.collect();
+    }
+
+    /// Folds recorded histogram samples into their buckets.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    /// Refreshes the scrape-time series and renders the Prometheus text.
+    pub fn render(&self) -> String {
+        self.refresh();
+        let mut text = self.handle.render();
+        self.render_kms_seconds(&mut text);
+        text
+    }
+
+    /// `ear_kms_call_seconds_total` is a fractional-seconds counter, which
+    /// the facade's integer counters cannot carry; it is appended as its own
+    /// metric family (same text format, read from the provider's atomics).
+    fn render_kms_seconds(&self, out: &mut String) {
+        use std::fmt::Write;
+        let Some((stats, _)) = self.kms.get() else {
+            return;
+        };
+        let name = names::KMS_CALL_SECONDS;
+        let _ = writeln!(
+            out,
+            "# HELP {name} Total time spent in KMS calls, including SDK retries.\n# TYPE {name} counter"
+        );
+        for op in KmsOp::ALL {
+            let micros = stats.op(op).latency_micros_sum.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}{{op=\"{}\"}} {}",
+                op.name(),
+                micros as f64 / 1e6
+            );
+        }
+        out.push('\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::observe::tests::line_value;
+
+    #[test]
+    fn scrape_time_sources_and_readiness() {
+        let rec = build_recorder();
+        let health = Arc::new(Health::default());
+        let m = metrics::with_local_recorder(&rec, || {
+            let m = Metrics::new(rec.handle(), Arc::clone(&health), true);
+            let mut keys = std::collections::BTreeMap::new();
+            keys.insert(3, crate::crypto::SecretKey::generate().unwrap());
+            let ring = Arc::new(KeyRing::new(keys, 3, 16).unwrap());
+            m.set_key_ring(Arc::clone(&ring));
+            health.watch_key_ring(Arc::clone(&ring));
+            m.set_kms_stats(Arc::new(KmsCallStats::default()));
+            m.set_revocation(Arc::new(RevocationState::new()));
+            (m, ring)
+        });
+        let (m, ring) = m;
+        assert_eq!(m.readiness(), Err("starting"));
+        health.ready.store(true, Ordering::Release);
+        health.connections.store(2, Ordering::Relaxed);
+        assert_eq!(m.readiness(), Ok(()));
+        ring.stats().hits.store(5, Ordering::Relaxed);
+        let text = m.render();
+        assert_eq!(line_value(&text, "ear_key_cache_hits_total "), Some(5.0));
+        assert_eq!(line_value(&text, "ear_active_key_version "), Some(3.0));
+        assert_eq!(line_value(&text, "ear_universe_key_loaded "), Some(1.0));
+        assert_eq!(line_value(&text, "ear_open_connections "), Some(2.0));
+        assert_eq!(line_value(&text, "ear_ready "), Some(1.0));
+        assert_eq!(line_value(&text, "ear_master_key_state "), Some(0.0));
+        assert!(text.contains("ear_build_info{version=\""));
+        assert!(text.contains("encryption=\"on\"} 1"));
+        assert!(text.contains("ear_kms_calls_total{op=\"Decrypt\",outcome=\"ok\"} 0"));
+        ring.wipe("test");
+        assert_eq!(m.readiness(), Err("failed closed"));
+        let text = m.render();
+        assert_eq!(line_value(&text, "ear_fail_closed "), Some(1.0));
+        assert_eq!(line_value(&text, "ear_universe_key_loaded "), Some(0.0));
+        assert_eq!(line_value(&text, "ear_ready "), Some(0.0));
+        health.draining.store(true, Ordering::Release);
+        assert_eq!(m.readiness(), Err("draining"));
+    }
+}

@@ -1,0 +1,129 @@
+//! The one-shot commands: `status` (what a data directory holds, read
+//! without keys) and `validate-key` (the managed service's AWS KMS key
+//! checks, no data directory).
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Result};
+
+use crate::config::{KmsConfig, LogFormat, StatusArgs, ValidateKeyArgs};
+use crate::keys::aws;
+use crate::keys::registry::Registry;
+use crate::store;
+
+/// `validate-key`: the managed service's key checks, no data directory.
+/// Exit 0 when the key is usable, 1 when a check fails, 2 on bad options.
+pub fn validate_key(args: &ValidateKeyArgs) -> ExitCode {
+    super::init_logging("error", LogFormat::Text);
+    let (key_id, endpoint, region) = match args.kms_config() {
+        Ok(KmsConfig::Aws {
+            key_id,
+            endpoint,
+            region,
+        }) => (key_id, endpoint, region),
+        Ok(KmsConfig::Local { .. }) => {
+            eprintln!("ear-sidecar: configuration error: validate-key checks AWS KMS keys only");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("ear-sidecar: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = super::aws_options(&key_id, &endpoint, &region);
+    let rt = match super::runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ear-sidecar: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let timeout = args.kms_startup_timeout;
+    match rt.block_on(async { tokio::time::timeout(timeout, aws::validate_key(&opts)).await }) {
+        Ok(report) => {
+            println!("{report}");
+            if report.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(_) => {
+            eprintln!(
+                "ear-sidecar: error: AWS KMS did not finish the key checks within {timeout:?} \
+                 (--kms-startup-timeout)"
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `status`: what a data directory holds, read without keys.
+pub fn status(args: &StatusArgs) -> Result<()> {
+    let reg = Registry::load(&args.data_dir)?.ok_or_else(|| {
+        anyhow!(
+            "{} is not an initialised ear-sidecar data directory (no keys.json)",
+            args.data_dir.display()
+        )
+    })?;
+    let exports = store::inspect(&args.data_dir)?;
+    let versions: Vec<BTreeMap<&str, u64>> = reg
+        .versions()
+        .iter()
+        .map(|v| {
+            BTreeMap::from([
+                ("version", u64::from(v.version)),
+                ("created_unix", v.created_unix),
+            ])
+        })
+        .collect();
+    if args.json {
+        let v = serde_json::json!({
+            "data_dir": args.data_dir.display().to_string(),
+            "dir_id": reg.dir_id(),
+            "encryption": if reg.encryption_on() { "on" } else { "off" },
+            "provider": reg.provider(),
+            "master_key_id": reg.master_key_id(),
+            "active_key_version": reg.active_version(),
+            "key_versions": versions,
+            "exports": exports,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("data directory : {}", args.data_dir.display());
+        println!("directory id   : {}", reg.dir_id());
+        println!(
+            "encryption     : {}",
+            if reg.encryption_on() {
+                "on (AES-256-CTR)"
+            } else {
+                "off"
+            }
+        );
+        println!("key provider   : {}", reg.provider().unwrap_or("-"));
+        println!("master key     : {}", reg.master_key_id().unwrap_or("-"));
+        match reg.active_version() {
+            Some(v) => println!(
+                "key versions   : {} (active {v})",
+                reg.versions()
+                    .iter()
+                    .map(|v| v.version.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => println!("key versions   : -"),
+        }
+        println!("exports        : {}", exports.len());
+        for e in &exports {
+            match &e.error {
+                None => println!(
+                    "  {:<24} {:>16} bytes  {:>14} allocated  {}",
+                    e.name, e.size, e.allocated_bytes, e.algorithm
+                ),
+                Some(err) => println!("  {:<24} unreadable header: {err}", e.name),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,494 @@
+//! The serving process, assembled: [`App::start`] does everything that can
+//! fail before the socket exists (data-directory lock, key provider, key
+//! registry, universe-key unwrap, store, admin listener, bind), and
+//! [`App::run`] serves until a shutdown future resolves, then drains and
+//! flushes. The `status` and `validate-key` commands live in [`commands`].
+//!
+//! The top of the library: it wires the layers together and is the only
+//! place besides `main` that uses `anyhow`.
+
+pub mod commands;
+
+use std::fs::File;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::net::UnixListener;
+
+use crate::admin::Metrics;
+use crate::config::{Encryption, KmsConfig, LogFormat, ServeConfig};
+use crate::crypto::KeyRing;
+use crate::health::Health;
+use crate::keys::aws::{self, AwsKmsOptions, AwsKmsProvider, CheckOutcome, ValidationReport};
+use crate::keys::local::LocalProvider;
+use crate::keys::memory;
+use crate::keys::registry::Registry;
+use crate::keys::revocation::{watch_master_key, RevocationState};
+use crate::keys::{with_deadline, DeadlineError, KeyError, KeyProvider, MasterKeyState};
+use crate::server::observe::RequestMetrics;
+use crate::server::{self, ServerConfig, Shared};
+use crate::store::Store;
+
+/// A started sidecar: keys in memory, exports open, socket bound.
+pub struct App {
+    cfg: ServeConfig,
+    _dir_lock: File,
+    _sigxfsz: tokio::signal::unix::Signal,
+    health: Arc<Health>,
+    store: Arc<Store>,
+    shared: Arc<Shared>,
+    listener: UnixListener,
+    provider: Option<Arc<dyn KeyProvider>>,
+    keys: Option<Arc<KeyRing>>,
+    revocation: Arc<RevocationState>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("socket", &self.cfg.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One deadline for all start-up key-provider work.
+struct Startup<'a> {
+    aws: Option<&'a AwsKmsProvider>,
+    end: tokio::time::Instant,
+    total: Duration,
+}
+
+impl Startup<'_> {
+    /// Runs one start-up key-provider call before the deadline; transient
+    /// failures (unreachable, throttled) are retried until then.
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, KeyError>>,
+    {
+        let total = self.total;
+        let left = self
+            .end
+            .saturating_duration_since(tokio::time::Instant::now());
+        match self.aws {
+            Some(p) => aws::with_startup_deadline(p.endpoint(), left, op)
+                .await
+                .map_err(|e| match e {
+                    KeyError::Unavailable(_) => anyhow!(
+                        "{e}; giving up (start-up timeout {total:?}, --kms-startup-timeout)"
+                    ),
+                    other => anyhow!(other),
+                }),
+            None => with_deadline(self.end, op).await.map_err(|e| match e {
+                DeadlineError::Failed(e) => anyhow!(e),
+                DeadlineError::TimedOut { .. } => {
+                    anyhow!("the key provider did not answer within {total:?}")
+                }
+            }),
+        }
+    }
+}
+
+impl App {
+    /// Loads everything the server needs and binds the socket. Fails with a
+    /// one-line reason before anything is served.
+    pub async fn start(cfg: ServeConfig) -> Result<App> {
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), data_dir = %cfg.data_dir.display(),
+            socket = %cfg.socket.display(), encryption = ?cfg.encryption, "starting ear-sidecar");
+        create_data_dir(&cfg.data_dir)?;
+        let dir_lock = lock_data_dir(&cfg.data_dir)?;
+        // Core dumps off before any key material exists.
+        memory::harden_process().log();
+        let encryption_on = cfg.encryption == Encryption::On;
+        // The admin listener starts first, so /livez answers while keys are
+        // unwrapped; /readyz waits for `ready`.
+        let health = Arc::new(Health::default());
+        let metrics = match cfg.metrics_addr {
+            Some(addr) => Some(
+                crate::admin::start(addr, Arc::clone(&health), encryption_on)
+                    .await
+                    .context("start the metrics listener (--metrics-addr; empty disables)")?
+                    .0,
+            ),
+            None => None,
+        };
+
+        let existing = Registry::load(&cfg.data_dir)?;
+        if let Some(r) = &existing {
+            // The encryption mode is checked before any provider is opened, so a
+            // plaintext directory started with encryption on says exactly that.
+            if r.encryption_on() != encryption_on {
+                r.check_compatible(encryption_on, None)?;
+            }
+        }
+        // With a file-size limit (RLIMIT_FSIZE) a write past it raises SIGXFSZ,
+        // whose default action kills the process. Handling the signal turns it
+        // into an EFBIG error on that one write (reported to the client as ENOSPC).
+        let sigxfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(
+            rustix::process::Signal::XFSZ.as_raw(),
+        ))
+        .context("install the SIGXFSZ handler")?;
+        let (provider, aws_provider) = open_provider(&cfg, existing.is_none()).await?;
+        let startup = Startup {
+            aws: aws_provider.as_deref(),
+            end: tokio::time::Instant::now() + cfg.kms_startup_timeout,
+            total: cfg.kms_startup_timeout,
+        };
+        if let Some(r) = &existing {
+            r.check_compatible(encryption_on, provider.as_deref())?;
+        }
+        if let Some(p) = &aws_provider {
+            check_aws_key(&cfg, p, &startup, existing.is_none()).await?;
+        }
+        let registry = match existing {
+            Some(r) => r,
+            None => {
+                tracing::info!(data_dir = %cfg.data_dir.display(), encryption = encryption_on,
+                    "initialising a new data directory");
+                let dir = cfg.data_dir.clone();
+                startup
+                    .call(|| Registry::create(&dir, encryption_on, provider.as_deref()))
+                    .await
+                    .context("generate the universe key")?
+            }
+        };
+        let keys = match &provider {
+            Some(p) => {
+                let t = std::time::Instant::now();
+                let ring = startup
+                    .call(|| registry.unwrap_all(p.as_ref(), cfg.key_cache_size.get()))
+                    .await
+                    .context("unwrap the universe key")?;
+                tracing::info!(provider = p.kind(), versions = ?ring.snapshot().versions,
+                    elapsed_ms = t.elapsed().as_millis() as u64, "universe keys unwrapped into memory");
+                Some(Arc::new(ring))
+            }
+            None => None,
+        };
+        let store = Arc::new(open_store(&cfg, &registry, keys.clone())?);
+
+        // Master-key revocation state, filled by the watcher `run` spawns.
+        let revocation = Arc::new(RevocationState::new());
+        if let Some(k) = &keys {
+            health.watch_key_ring(Arc::clone(k));
+            health.watch_revocation(Arc::clone(&revocation));
+        }
+        let request_metrics = match &metrics {
+            Some(m) => {
+                wire_metrics(m, keys.as_ref(), &revocation, aws_provider.as_deref());
+                m.request_metrics(&store)
+            }
+            None => RequestMetrics::default(),
+        };
+        let server_cfg = ServerConfig {
+            max_request: cfg.max_request,
+            max_connections: cfg.max_connections,
+            allow_uids: (!cfg.allow_uids.is_empty()).then(|| cfg.allow_uids.clone()),
+            ..ServerConfig::default()
+        };
+        let listener = server::bind(&cfg.socket, cfg.socket_mode)?;
+        let shared = Shared::new(
+            Arc::clone(&store),
+            server_cfg,
+            Arc::clone(&health),
+            request_metrics,
+        );
+        Ok(App {
+            cfg,
+            _dir_lock: dir_lock,
+            _sigxfsz: sigxfsz,
+            health,
+            store,
+            shared,
+            listener,
+            provider,
+            keys,
+            revocation,
+        })
+    }
+
+    /// Serves until `shutdown` resolves, drains in-flight requests, stops the
+    /// revocation watcher and flushes every export.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        self.health
+            .ready
+            .store(true, std::sync::atomic::Ordering::Release);
+        tracing::info!(socket = %self.cfg.socket.display(), "listening");
+        let (stop_watcher, watcher_stopped) = tokio::sync::oneshot::channel::<()>();
+        let watcher = spawn_revocation_watcher(
+            &self.cfg,
+            self.provider.clone(),
+            self.keys.clone(),
+            Arc::clone(&self.revocation),
+            Arc::clone(&self.health),
+            async {
+                let _ = watcher_stopped.await;
+            },
+        );
+        server::run(self.listener, self.shared, shutdown).await;
+        let _ = stop_watcher.send(());
+        if let Some(w) = watcher {
+            let _ = w.await;
+        }
+        let store = self.store;
+        tokio::task::block_in_place(|| store.flush_all()).context("final flush")?;
+        let _ = std::fs::remove_file(&self.cfg.socket);
+        tracing::info!("shut down cleanly");
+        Ok(())
+    }
+}
+
+/// Opens the configured key provider; the second value is the same provider
+/// when it is AWS KMS (for its deadline handling, checks and call counters).
+async fn open_provider(
+    cfg: &ServeConfig,
+    new_dir: bool,
+) -> Result<(Option<Arc<dyn KeyProvider>>, Option<Arc<AwsKmsProvider>>)> {
+    match &cfg.kms {
+        None => Ok((None, None)),
+        Some(KmsConfig::Local { kek_file }) => {
+            let p = LocalProvider::open_or_create(kek_file, new_dir)
+                .with_context(|| format!("local key-encryption key {}", kek_file.display()))?;
+            tracing::warn!(kek_file = %kek_file.display(),
+                "using the local key provider: a KEK stored beside the data protects nothing \
+                 in production; use --kms aws with a customer-managed key");
+            Ok((Some(Arc::new(p)), None))
+        }
+        Some(KmsConfig::Aws {
+            key_id,
+            endpoint,
+            region,
+        }) => {
+            let p = Arc::new(
+                AwsKmsProvider::new(&aws_options(key_id, endpoint, region))
+                    .await
+                    .context("AWS KMS key provider")?,
+            );
+            tracing::info!(key = %p.master_key_id(), endpoint = p.endpoint(),
+                "using the AWS KMS key provider");
+            let dyn_p: Arc<dyn KeyProvider> = p.clone();
+            Ok((Some(dyn_p), Some(p)))
+        }
+    }
+}
+
+/// Waits (bounded) until KMS answers at all; then a new directory gets the
+/// managed service's key checks, an existing one a state check.
+async fn check_aws_key(
+    cfg: &ServeConfig,
+    p: &AwsKmsProvider,
+    startup: &Startup<'_>,
+    new_dir: bool,
+) -> Result<()> {
+    let state = startup
+        .call(|| p.master_key_state())
+        .await
+        .context("reach AWS KMS")?;
+    if new_dir {
+        let left = startup
+            .end
+            .saturating_duration_since(tokio::time::Instant::now());
+        let report = tokio::time::timeout(left, p.validate())
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "validating AWS KMS key {} did not finish within the start-up \
+                     timeout ({:?}, --kms-startup-timeout)",
+                    p.master_key_id(),
+                    cfg.kms_startup_timeout
+                )
+            })?;
+        log_validation(&report);
+        if !report.is_ok() {
+            bail!(
+                "refusing to initialise data directory {}: {}",
+                cfg.data_dir.display(),
+                validation_failures(&report)
+            );
+        }
+        tracing::info!(key = %p.master_key_id(), "AWS KMS key passed all validation checks");
+    } else if let MasterKeyState::Revoked(why) = state {
+        bail!(
+            "AWS KMS reports master key {} unusable ({why}); refusing to start: \
+             re-enable the key, then restart",
+            p.master_key_id()
+        );
+    }
+    Ok(())
+}
+
+/// Opens the exports. An explicit --export list is created/grown, in a fresh
+/// or an existing directory; with none, a fresh directory gets the default
+/// export and an existing one serves what it has.
+fn open_store(cfg: &ServeConfig, registry: &Registry, keys: Option<Arc<KeyRing>>) -> Result<Store> {
+    let dir_id: [u8; 16] = hex::decode(registry.dir_id())
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| anyhow!("key registry has a malformed dir_id"))?;
+    let specs = cfg.exports.resolve(&cfg.data_dir)?;
+    let store = tokio::task::block_in_place(|| {
+        Store::open_with(&cfg.data_dir, dir_id, keys, &specs, cfg.integrity)
+    })
+    .context("open exports")?;
+    for e in store.exports() {
+        tracing::info!(
+            export = e.name(),
+            size = e.size(),
+            encrypted = e.encrypted(),
+            "export ready"
+        );
+    }
+    Ok(store)
+}
+
+/// Plugs the scrape-time sources into the metrics layer.
+fn wire_metrics(
+    m: &Metrics,
+    keys: Option<&Arc<KeyRing>>,
+    revocation: &Arc<RevocationState>,
+    aws: Option<&AwsKmsProvider>,
+) {
+    if let Some(k) = keys {
+        m.set_key_ring(Arc::clone(k));
+        m.set_revocation(Arc::clone(revocation));
+    }
+    if let Some(p) = aws {
+        m.set_kms_stats(p.stats());
+    }
+}
+
+/// Holds an exclusive lock on the data directory for the process lifetime, so
+/// two sidecars can never write one store.
+fn lock_data_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|_| {
+        anyhow!(
+            "data directory {} is in use by another ear-sidecar process",
+            dir.display()
+        )
+    })?;
+    Ok(f)
+}
+
+fn create_data_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("create data directory {}", dir.display()))
+}
+
+/// Options for the AWS provider from the resolved configuration; timeouts
+/// and retries keep the provider's defaults.
+pub fn aws_options(
+    key_id: &str,
+    endpoint: &Option<String>,
+    region: &Option<String>,
+) -> AwsKmsOptions {
+    let mut o = AwsKmsOptions::new(key_id);
+    o.endpoint = endpoint.clone();
+    o.region = region.clone();
+    o
+}
+
+/// Logs each validation check (error level for failures).
+fn log_validation(report: &ValidationReport) {
+    for c in &report.checks {
+        match &c.outcome {
+            CheckOutcome::Passed(note) => tracing::info!(check = c.name, %note, "key check passed"),
+            CheckOutcome::Failed(msg) => tracing::error!(check = c.name, %msg, "key check FAILED"),
+            CheckOutcome::Skipped(why) => tracing::warn!(check = c.name, %why, "key check skipped"),
+        }
+    }
+}
+
+/// One message naming every failed (or skipped) check.
+fn validation_failures(report: &ValidationReport) -> String {
+    let mut out = format!(
+        "AWS KMS key {} failed validation ({} check(s) failed):",
+        report.key_arn,
+        report.failures().len()
+    );
+    for c in &report.checks {
+        match &c.outcome {
+            CheckOutcome::Failed(m) => out.push_str(&format!("\n  FAIL  {}: {m}", c.name)),
+            CheckOutcome::Skipped(w) => out.push_str(&format!("\n  skip  {}: {w}", c.name)),
+            CheckOutcome::Passed(_) => {}
+        }
+    }
+    out
+}
+
+/// Spawns the master-key revocation watcher when keys are in memory. When it
+/// fails closed (keys wiped, I/O answered with EIO), readiness is withdrawn.
+fn spawn_revocation_watcher(
+    cfg: &ServeConfig,
+    provider: Option<Arc<dyn KeyProvider>>,
+    keys: Option<Arc<KeyRing>>,
+    state: Arc<RevocationState>,
+    health: Arc<Health>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let (provider, ring) = (provider?, keys?);
+    let (interval, grace) = (cfg.kms_check_interval, cfg.kms_revocation_grace);
+    tracing::info!(
+        interval_secs = interval.as_secs_f64(),
+        grace_secs = grace.as_secs_f64(),
+        "master key revocation check running"
+    );
+    Some(tokio::spawn(async move {
+        watch_master_key(
+            provider,
+            ring,
+            interval,
+            grace,
+            Arc::clone(&state),
+            shutdown,
+        )
+        .await;
+        if state.is_failed_closed() {
+            health
+                .ready
+                .store(false, std::sync::atomic::Ordering::Release);
+            tracing::error!("not ready: the keys were wiped (failed closed); restart after re-enabling the master key");
+        }
+    }))
+}
+
+/// Installs the log subscriber: `RUST_LOG` when set and valid, else `level`.
+pub fn init_logging(level: &str, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// The async runtime of the process.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // Blocking pool for file I/O: in-flight work is bounded by the server,
+        // and a modest cap keeps thread count (and RSS) in check.
+        .max_blocking_threads(64)
+        .thread_name("ear-worker")
+        .build()
+        .context("start the async runtime")
+}

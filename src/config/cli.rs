@@ -1,0 +1,229 @@
+//! The command line: clap definitions of every subcommand and option. Only
+//! parsing lives here; defaults and validation are applied by [`super::layers`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::store::ExportSpec;
+
+use super::*;
+
+/// The `ear-sidecar` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ear-sidecar",
+    version,
+    about = "Encryption-at-rest sidecar: an NBD server on a Unix socket that stores only ciphertext",
+    after_help = "Every `serve` option --some-name can also be set with the environment variable \
+                  EAR_SOME_NAME (lists comma-separated) or with the key some_name in the TOML file \
+                  given with --config. Precedence: command line > environment > file > default."
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start-up; boxing would only add noise
+pub enum Command {
+    /// Serve the exports over NBD on a Unix socket.
+    Serve(ServeArgs),
+    /// Show provider, key versions, exports and encryption mode of a data directory (never a secret).
+    Status(StatusArgs),
+    /// Check that an AWS KMS key is usable for EAR, without touching any data directory.
+    ValidateKey(ValidateKeyArgs),
+}
+
+/// `on` / `off` switch as written on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
+/// Key provider kind as written on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KmsKind {
+    /// KEK in a local file (development only: a KEK beside the data protects nothing).
+    Local,
+    /// Customer-managed key in AWS KMS.
+    Aws,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Options of `ear-sidecar serve`, exactly as given on the command line
+/// (`None` / empty = not given). Resolve with [`ServeConfig::load`].
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML file with options (keys = long option names in snake_case) [env: EAR_CONFIG]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Data directory (key registry and backing files) [env: EAR_DATA_DIR] [default: ./ear-data]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Unix socket path; a stale socket there is replaced [env: EAR_SOCKET] [default: ./ear.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Socket file mode in octal: 600, 0600 or 0o600 [env: EAR_SOCKET_MODE] [default: 0600]
+    #[arg(long, value_name = "OCTAL", value_parser = parse_socket_mode)]
+    pub socket_mode: Option<u32>,
+
+    /// Export NAME=SIZE, repeatable; SIZE in bytes or with K/M/G/T (1024-based), multiple of 512;
+    /// created when missing, grown when larger [env: EAR_EXPORT, comma-separated]
+    /// [default: default=1G]
+    #[arg(long, value_name = "NAME=SIZE", value_parser = parse_export)]
+    pub export: Vec<ExportSpec>,
+
+    /// Encrypt data at rest; fixed when the data directory is initialised
+    /// [env: EAR_ENCRYPTION] [default: on]
+    #[arg(long, value_name = "on|off")]
+    pub encryption: Option<OnOff>,
+
+    /// Key provider that wraps the universe key [env: EAR_KMS] [default: local]
+    #[arg(long, value_name = "local|aws")]
+    pub kms: Option<KmsKind>,
+
+    /// KEK file of the local provider, created 0600 [env: EAR_LOCAL_KEK_FILE]
+    /// [default: <data-dir>/local.kek]
+    #[arg(long, value_name = "PATH")]
+    pub local_kek_file: Option<PathBuf>,
+
+    /// AWS KMS key ARN (required with --kms aws) [env: EAR_KMS_KEY_ID]
+    #[arg(long, value_name = "ARN")]
+    pub kms_key_id: Option<String>,
+
+    /// AWS KMS endpoint URL, e.g. for a local test server [env: EAR_KMS_ENDPOINT]
+    /// [default: from the AWS configuration]
+    #[arg(long, value_name = "URL")]
+    pub kms_endpoint: Option<String>,
+
+    /// AWS region [env: EAR_KMS_REGION] [default: from the key ARN or the AWS configuration]
+    #[arg(long, value_name = "REGION")]
+    pub kms_region: Option<String>,
+
+    /// Give up start-up when the KMS cannot unwrap the key within this time
+    /// [env: EAR_KMS_STARTUP_TIMEOUT] [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub kms_startup_timeout: Option<Duration>,
+
+    /// How often to check that the KMS key is still enabled (min 1s)
+    /// [env: EAR_KMS_CHECK_INTERVAL] [default: 5m]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub kms_check_interval: Option<Duration>,
+
+    /// How long to keep serving after the KMS reports the key disabled or pending deletion
+    /// [env: EAR_KMS_REVOCATION_GRACE] [default: 5m]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub kms_revocation_grace: Option<Duration>,
+
+    /// Allow only peers with this uid (SO_PEERCRED), repeatable [env: EAR_ALLOW_UID,
+    /// comma-separated] [default: no uid filter]
+    #[arg(long, value_name = "UID")]
+    pub allow_uid: Vec<u32>,
+
+    /// Longest request accepted, 4K..=1G; longer ones get an error reply
+    /// [env: EAR_MAX_REQUEST] [default: 32M]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_request: Option<u64>,
+
+    /// Most concurrent client connections [env: EAR_MAX_CONNECTIONS] [default: 256]
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Entries in the derived-key cache [env: EAR_KEY_CACHE_SIZE] [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub key_cache_size: Option<usize>,
+
+    /// Metrics and health HTTP address; empty disables [env: EAR_METRICS_ADDR]
+    /// [default: 127.0.0.1:9898]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+
+    /// Log format [env: EAR_LOG_FORMAT] [default: text]
+    #[arg(long, value_name = "text|json")]
+    pub log_format: Option<LogFormat>,
+
+    /// Log filter (tracing EnvFilter syntax; RUST_LOG overrides) [env: EAR_LOG_LEVEL]
+    /// [default: info]
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// Per-block authentication tags (requires encryption) [env: EAR_INTEGRITY] [default: off]
+    #[arg(long, value_name = "on|off")]
+    pub integrity: Option<OnOff>,
+}
+
+/// Options of `ear-sidecar status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Data directory to describe
+    #[arg(long, value_name = "DIR", env = "EAR_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `ear-sidecar validate-key`.
+#[derive(Debug, Clone, Args)]
+pub struct ValidateKeyArgs {
+    /// AWS KMS key ARN to validate
+    #[arg(long, value_name = "ARN", env = "EAR_KMS_KEY_ID")]
+    pub kms_key_id: String,
+
+    /// AWS KMS endpoint URL [default: from the AWS configuration]
+    #[arg(long, value_name = "URL", env = "EAR_KMS_ENDPOINT")]
+    pub kms_endpoint: Option<String>,
+
+    /// AWS region [default: from the key ARN or the AWS configuration]
+    #[arg(long, value_name = "REGION", env = "EAR_KMS_REGION")]
+    pub kms_region: Option<String>,
+
+    /// Give up when the KMS does not answer within this time
+    #[arg(long, value_name = "DURATION", env = "EAR_KMS_STARTUP_TIMEOUT",
+          default_value = "60s", value_parser = parse_duration)]
+    pub kms_startup_timeout: Duration,
+}
+
+impl ValidateKeyArgs {
+    /// The AWS provider configuration these options describe, validated like `serve`'s.
+    pub fn kms_config(&self) -> Result<KmsConfig, ConfigError> {
+        let key_id = check_key_id(&self.kms_key_id)
+            .map_err(|e| invalid("--kms-key-id", Origin::CommandLine, e))?;
+        let endpoint = self
+            .kms_endpoint
+            .as_deref()
+            .map(check_endpoint)
+            .transpose()
+            .map_err(|e| invalid("--kms-endpoint", Origin::CommandLine, e))?;
+        let region = self
+            .kms_region
+            .as_deref()
+            .map(check_region)
+            .transpose()
+            .map_err(|e| invalid("--kms-region", Origin::CommandLine, e))?;
+        Ok(KmsConfig::Aws {
+            key_id,
+            endpoint,
+            region,
+        })
+    }
+}
