@@ -10,6 +10,8 @@
 //! * [`keys`]     – key providers (local KEK file, AWS KMS) and the on-disk key
 //!   registry that holds only wrapped universe keys.
 //! * [`server`]   – Unix listener, per-connection state machine, request handlers.
+//! * [`backup`]   – encrypted incremental backups (ciphertext and wrapped keys
+//!   only) to a directory or S3: format, chains, restore, verify.
 //! * [`config`]   – command line / environment / TOML configuration, loaded and
 //!   validated fully before anything binds.
 //! * [`metrics`]  – Prometheus `/metrics`, `/livez`, `/readyz` on one small
@@ -17,6 +19,7 @@
 //!   per-request series through pre-registered handles (`server::observe`).
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod config;
 pub mod crypto;
 pub mod keys;
