@@ -156,9 +156,15 @@ pub async fn backup<S: BlockSource + 'static>(
 ) -> Result<(Manifest, BackupStats), BackupError> {
     let start = Instant::now();
     let size = source.export_size();
-    if size % BLOCK_SIZE as u64 != 0 {
+    if !size.is_multiple_of(BLOCK_SIZE as u64) {
         return Err(BackupError::Invalid(format!(
             "export size {size} is not a multiple of 4096"
+        )));
+    }
+    if req.export.is_empty() || req.export.chars().any(char::is_control) {
+        return Err(BackupError::Invalid(format!(
+            "export name {:?} is empty or has control characters",
+            req.export
         )));
     }
     if req.options.window_blocks == 0 {

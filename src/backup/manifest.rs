@@ -322,7 +322,7 @@ impl Manifest {
                 super::STORE_FORMAT
             )));
         }
-        if self.export_size % super::BLOCK_SIZE as u64 != 0 {
+        if !self.export_size.is_multiple_of(super::BLOCK_SIZE as u64) {
             return Err(bad("export size is not a multiple of 4096".into()));
         }
         if self.export.is_empty() || self.export.chars().any(|c| c.is_control()) {
