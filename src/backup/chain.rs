@@ -505,7 +505,67 @@ mod tests {
         assert_eq!(s.subtract(0, 50), runs(&[(0, 10), (40, 10)]));
     }
 
+    /// A chain of synthetic manifests, newest first, from per-backup block
+    /// sets split into chunks of consecutive blocks.
+    fn chain_of(backups: &[Vec<u64>], blocks: u64) -> Chain {
+        use crate::backup::manifest::tests::sample;
+        let mut manifests = Vec::new();
+        for (n, set) in backups.iter().enumerate() {
+            let mut m = sample();
+            m.export_size = blocks * 4096;
+            m.backup_id =
+                BackupId::parse(&format!("20261201T1400{:02}Z-0000000{}", n, n % 10)).unwrap();
+            m.chunks = set
+                .chunks(3)
+                .map(|part| {
+                    let mut runs = Vec::new();
+                    for &b in part {
+                        crate::backup::chunk::push_run(&mut runs, b);
+                    }
+                    ChunkRef {
+                        sha256: "00".repeat(32),
+                        bytes: 1,
+                        runs,
+                        data_blocks: 0,
+                    }
+                })
+                .collect();
+            manifests.push(m);
+        }
+        manifests.reverse();
+        Chain { manifests }
+    }
+
     proptest! {
+        #[test]
+        fn prop_plan_takes_newest_record(
+            sets in proptest::collection::vec(proptest::collection::btree_set(0u64..64, 0..20), 1..6),
+        ) {
+            let backups: Vec<Vec<u64>> = sets.iter().map(|s| s.iter().copied().collect()).collect();
+            let chain = chain_of(&backups, 64);
+            let plan = RestorePlan::new(&chain);
+            // Model: block -> index of the newest backup (oldest = 0) holding it.
+            let mut newest = BTreeMap::new();
+            for (n, set) in backups.iter().enumerate() {
+                for &b in set {
+                    newest.insert(b, n);
+                }
+            }
+            let mut got = BTreeMap::new();
+            for it in &plan.items {
+                let n = backups.len() - 1 - chain.manifests.iter().position(|m| m.backup_id == it.backup).unwrap();
+                for r in &it.take {
+                    for b in r.start..r.start + r.len {
+                        prop_assert!(got.insert(b, n).is_none(), "block {} planned twice", b);
+                        // Taken blocks lie inside the chunk's runs.
+                        prop_assert!(it.chunk.runs.iter().any(|c| c.start <= b && b < c.start + c.len));
+                    }
+                }
+            }
+            prop_assert_eq!(plan.blocks, got.len() as u64);
+            prop_assert_eq!(got, newest);
+        }
+
         #[test]
         fn prop_interval_set_matches_model(
             ins in proptest::collection::vec((0u64..200, 0u64..30), 0..20),
