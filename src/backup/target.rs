@@ -309,8 +309,16 @@ impl LocalTarget {
             std::fs::rename(&tmp, &dst).map_err(io("renaming into", &dst))
         } else {
             // link(2) fails with EEXIST if the name exists: an atomic
-            // create-if-absent; then drop the temporary name.
-            let r = std::fs::hard_link(&tmp, &dst).map_err(|e| {
+            // create-if-absent; then drop the temporary name. File systems
+            // without hard links get check-then-rename (one writer per
+            // destination is the rule anyway).
+            let r = std::fs::hard_link(&tmp, &dst).or_else(|e| match e.kind() {
+                ErrorKind::Unsupported | ErrorKind::PermissionDenied if !dst.exists() => {
+                    std::fs::rename(&tmp, &dst)
+                }
+                _ => Err(e),
+            });
+            let r = r.map_err(|e| {
                 if e.kind() == ErrorKind::AlreadyExists {
                     TargetError::Exists {
                         target: self.describe(),
