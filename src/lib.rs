@@ -5,6 +5,8 @@
 //!
 //! * [`app`]      – `App::start` / `App::run`: wires the layers together.
 //! * [`admin`]    – `/metrics`, `/livez`, `/readyz` on hyper; the recorder.
+//! * [`backup`]   – encrypted incremental backups (ciphertext and wrapped keys
+//!   only) to a directory or S3: format, chains, restore, verify.
 //! * [`config`]   – command line / environment / TOML configuration, loaded and
 //!   validated fully before anything binds.
 //! * [`server`]   – Unix listener, per-connection state machine, request
@@ -21,6 +23,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod backup;
 pub mod config;
 pub mod crypto;
 pub mod fsutil;
