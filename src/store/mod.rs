@@ -12,6 +12,7 @@ pub mod export;
 pub mod format;
 mod locks;
 pub mod scrub;
+mod slots;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -11,10 +11,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
-use super::export::{Export, KeyCache};
+use super::export::Export;
 use super::format::{
     self, Integrity, Kind, Resolution, SlotRead, BLOCK_SIZE, GROUP_BLOCKS, PAIR_SIZE,
 };
+use super::slots::KeyCache;
 use super::StoreError;
 
 /// What verification found for one block.
