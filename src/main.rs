@@ -13,7 +13,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 
 use ear_sidecar::config::{
-    Cli, Command, Encryption, KmsConfig, LogFormat, ServeConfig, StatusArgs, ValidateKeyArgs,
+    CheckArgs, Cli, Command, Encryption, KmsConfig, LogFormat, ServeConfig, StatusArgs,
+    ValidateKeyArgs,
 };
 use ear_sidecar::keys::aws::{self, AwsKmsOptions, AwsKmsProvider, CheckOutcome, ValidationReport};
 use ear_sidecar::keys::local::LocalProvider;
@@ -28,7 +29,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => match ServeConfig::from_process_env(&args) {
-            Ok(cfg) => serve(cfg),
+            Ok(cfg) => serve(cfg, args.epoch_writes),
             Err(e) => {
                 eprintln!("ear-sidecar: configuration error: {e}");
                 return ExitCode::from(2);
@@ -36,6 +37,8 @@ fn main() -> ExitCode {
         },
         Command::Status(args) => status(&args),
         Command::ValidateKey(args) => return validate_key_cmd(&args),
+        // [check: wire] offline verification and repair.
+        Command::Check(args) => return check_cmd(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -101,13 +104,13 @@ fn create_data_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("create data directory {}", dir.display()))
 }
 
-fn serve(cfg: ServeConfig) -> Result<()> {
+fn serve(cfg: ServeConfig, epoch_writes: Option<u64>) -> Result<()> {
     init_logging(&cfg);
     let rt = runtime()?;
-    rt.block_on(serve_async(cfg))
+    rt.block_on(serve_async(cfg, epoch_writes))
 }
 
-async fn serve_async(cfg: ServeConfig) -> Result<()> {
+async fn serve_async(cfg: ServeConfig, epoch_writes: Option<u64>) -> Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), data_dir = %cfg.data_dir.display(),
         socket = %cfg.socket.display(), encryption = ?cfg.encryption, "starting ear-sidecar");
     create_data_dir(&cfg.data_dir)?;
@@ -273,9 +276,18 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         } else {
             vec![]
         };
+    // [store: options] the epoch size is a hidden test knob (--epoch-writes).
+    let store_opts = store::ExportOptions {
+        integrity: if cfg.integrity {
+            store::format::Integrity::Gmac
+        } else {
+            store::format::Integrity::Check
+        },
+        epoch_writes: epoch_writes.unwrap_or(store::format::MAX_EPOCH_WRITES),
+    };
     let store = Arc::new(
         tokio::task::block_in_place(|| {
-            Store::open_with(&cfg.data_dir, dir_id, keys.clone(), &specs, cfg.integrity)
+            Store::open_opts(&cfg.data_dir, dir_id, keys.clone(), &specs, store_opts)
         })
         .context("open exports")?,
     );
@@ -336,7 +348,8 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         let _ = w.await;
     }
 
-    tokio::task::block_in_place(|| store.flush_all()).context("final flush")?;
+    // [store: close] flush, then mark every export closed cleanly.
+    tokio::task::block_in_place(|| store.close()).context("final flush")?;
     let _ = std::fs::remove_file(&cfg.socket);
     tracing::info!("shut down cleanly");
     Ok(())
@@ -583,4 +596,140 @@ fn status(args: &StatusArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+// [check: command] `ear-sidecar check`: the logic is in `store::check`.
+
+/// Unwraps the data directory's keys for `check` with the provider its
+/// registry names (none for a plaintext directory).
+async fn check_keys(
+    args: &CheckArgs,
+    reg: &Registry,
+) -> Result<Option<Arc<ear_sidecar::crypto::KeyRing>>> {
+    if !reg.encryption_on() {
+        return Ok(None);
+    }
+    let provider: Arc<dyn KeyProvider> = match reg.provider() {
+        Some("local") => {
+            let kek = args
+                .local_kek_file
+                .clone()
+                .unwrap_or_else(|| args.data_dir.join("local.kek"));
+            Arc::new(
+                LocalProvider::open_or_create(&kek, false)
+                    .with_context(|| format!("local key-encryption key {}", kek.display()))?,
+            )
+        }
+        Some("aws") => {
+            let key_id = reg
+                .master_key_id()
+                .ok_or_else(|| anyhow!("the key registry names no AWS KMS key"))?;
+            Arc::new(
+                AwsKmsProvider::new(&aws_options(key_id, &args.kms_endpoint, &args.kms_region))
+                    .await
+                    .context("AWS KMS key provider")?,
+            )
+        }
+        other => bail!("the key registry names an unknown key provider {other:?}"),
+    };
+    let ring = reg
+        .unwrap_all(provider.as_ref(), 64)
+        .await
+        .context("unwrap the universe key")?;
+    Ok(Some(Arc::new(ring)))
+}
+
+fn check_cmd(args: &CheckArgs) -> ExitCode {
+    match check_run(args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("ear-sidecar: check: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Returns whether every checked export is free of damage.
+fn check_run(args: &CheckArgs) -> Result<bool> {
+    use std::io::IsTerminal;
+    let _lock = lock_data_dir(&args.data_dir).map_err(|_| {
+        anyhow!(
+            "data directory {} is in use by a running ear-sidecar: stop it first (check works offline)",
+            args.data_dir.display()
+        )
+    })?;
+    let reg = Registry::load(&args.data_dir)?.ok_or_else(|| {
+        anyhow!(
+            "{} is not an initialised ear-sidecar data directory (no keys.json)",
+            args.data_dir.display()
+        )
+    })?;
+    let dir_id: [u8; 16] = hex::decode(reg.dir_id())
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| anyhow!("key registry has a malformed dir_id"))?;
+    let keys = runtime()?.block_on(check_keys(args, &reg))?;
+    let names = match &args.export {
+        Some(n) => vec![n.clone()],
+        None => store::existing_exports(&args.data_dir)?,
+    };
+    if let Some(n) = &args.export {
+        if !store::existing_exports(&args.data_dir)?.contains(n) {
+            bail!("no export {n:?} in {}", args.data_dir.display());
+        }
+    }
+    let bar_on = !args.json && std::io::stderr().is_terminal();
+    let mut log = store::check::RepairLog::new(&args.data_dir);
+    let mut reports = vec![];
+    for name in &names {
+        let bar = if bar_on {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg:<20} [{bar:40}] {pos}/{len} groups {elapsed}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b.set_message(name.clone());
+            Some(b)
+        } else {
+            None
+        };
+        let r = store::check::check_export(
+            &args.data_dir,
+            name,
+            dir_id,
+            keys.clone(),
+            args.repair,
+            &mut log,
+            &mut |done, total| {
+                if let Some(b) = &bar {
+                    b.set_length(total);
+                    b.set_position(done);
+                }
+            },
+        );
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        if !args.json {
+            println!("{}", r.summary());
+        }
+        reports.push(r);
+    }
+    let clean = reports.iter().all(|r| !r.damaged());
+    if args.json {
+        let v = serde_json::json!({
+            "data_dir": args.data_dir.display().to_string(),
+            "repair": args.repair,
+            "repair_record": args.repair.then(|| log.path().display().to_string()),
+            "damaged": !clean,
+            "exports": reports,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if args.repair && log.path().exists() {
+        println!("repair record: {}", log.path().display());
+    }
+    Ok(clean)
 }

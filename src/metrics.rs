@@ -48,7 +48,7 @@ use crate::keys::aws::{KmsCallStats, KmsOp};
 use crate::keys::revocation::RevocationState;
 use crate::server::handler::{Completion, Op};
 use crate::server::Health;
-use crate::store::Store;
+use crate::store::{Export, Store};
 
 /// Histogram buckets (seconds) for every latency histogram: from a cached
 /// page-cache hit through NVMe and network disks to a stalled device.
@@ -111,6 +111,16 @@ pub mod names {
     pub const EXPORTS: &str = "ear_exports";
     /// Gauge 1 when `/readyz` answers 200.
     pub const READY: &str = "ear_ready";
+    /// Counter: blocks found matching neither slot (read as zeros, or EIO
+    /// with per-block integrity), by `export`.
+    pub const BLOCKS_UNRECOVERABLE: &str = "ear_blocks_unrecoverable_total";
+    /// Gauge: key epoch new writes use, by `export`.
+    pub const KEY_EPOCH: &str = "ear_key_epoch";
+    /// Gauge: block writes taken in the current key epoch, by `export`.
+    pub const KEY_EPOCH_WRITES: &str = "ear_key_epoch_writes";
+    /// Gauge: fraction of groups the scrub after an unclean shutdown has
+    /// passed (1 when done or not needed), by `export`.
+    pub const SCRUB_PROGRESS: &str = "ear_scrub_progress_ratio";
 }
 
 /// Errors of the metrics layer.
@@ -239,6 +249,19 @@ pub fn describe_all() {
         BUILD_INFO,
         "Build information: version and whether encryption at rest is on."
     );
+    describe_counter!(
+        BLOCKS_UNRECOVERABLE,
+        "Blocks matching neither of their slots (a write torn by power loss, or damage)."
+    );
+    describe_gauge!(KEY_EPOCH, "Key epoch new block writes use.");
+    describe_gauge!(
+        KEY_EPOCH_WRITES,
+        "Block writes taken in the current key epoch."
+    );
+    describe_gauge!(
+        SCRUB_PROGRESS,
+        "Fraction of groups scrubbed after an unclean shutdown (1 when done)."
+    );
     describe_histogram!(
         REQUEST_DURATION,
         Unit::Seconds,
@@ -345,6 +368,15 @@ pub struct Metrics {
     connections: Gauge,
     exports: Gauge,
     ready: Gauge,
+    store: OnceLock<Vec<(Arc<Export>, StoreHandles)>>,
+}
+
+/// Per-export series read from the store's counters at scrape time.
+struct StoreHandles {
+    unrecoverable: Counter,
+    epoch: Gauge,
+    epoch_writes: Gauge,
+    scrub: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -378,6 +410,7 @@ impl Metrics {
             connections: metrics::gauge!(names::OPEN_CONNECTIONS),
             exports: metrics::gauge!(names::EXPORTS),
             ready: metrics::gauge!(names::READY),
+            store: OnceLock::new(),
         };
         m.refresh();
         m
@@ -398,6 +431,20 @@ impl Metrics {
         let names: Vec<&str> = store.exports().map(|e| e.name()).collect();
         self.exports.set(names.len() as f64);
         let _ = REQUESTS.set(RequestMetrics::new(names));
+        let handles = store
+            .exports()
+            .map(|e| {
+                let n = e.name().to_string();
+                let h = StoreHandles {
+                    unrecoverable: metrics::counter!(names::BLOCKS_UNRECOVERABLE, "export" => n.clone()),
+                    epoch: metrics::gauge!(names::KEY_EPOCH, "export" => n.clone()),
+                    epoch_writes: metrics::gauge!(names::KEY_EPOCH_WRITES, "export" => n.clone()),
+                    scrub: metrics::gauge!(names::SCRUB_PROGRESS, "export" => n),
+                };
+                (Arc::clone(e), h)
+            })
+            .collect();
+        let _ = self.store.set(handles);
     }
 
     /// Plugs in the key ring (encryption on) for key-cache and key-state series.
@@ -491,6 +538,21 @@ impl Metrics {
                 unavailable.absolute(c.unavailable.load(Ordering::Relaxed));
                 refused.absolute(c.refused.load(Ordering::Relaxed));
             }
+        }
+        for (e, h) in self.store.get().into_iter().flatten() {
+            let c = e.counters();
+            h.unrecoverable
+                .absolute(c.unrecoverable_blocks.load(Ordering::Relaxed));
+            h.epoch.set(f64::from(c.epoch.load(Ordering::Relaxed)));
+            h.epoch_writes
+                .set(c.writes_in_epoch.load(Ordering::Relaxed) as f64);
+            let total = c.scrub_groups_total.load(Ordering::Relaxed);
+            let done = c.scrub_groups_done.load(Ordering::Relaxed).min(total);
+            h.scrub.set(if total == 0 {
+                1.0
+            } else {
+                done as f64 / total as f64
+            });
         }
         if let Some((state, h)) = self.revocation.get() {
             let s = state.snapshot();
