@@ -653,11 +653,18 @@ fn check_cmd(args: &CheckArgs) -> ExitCode {
 /// Returns whether every checked export is free of damage.
 fn check_run(args: &CheckArgs) -> Result<bool> {
     use std::io::IsTerminal;
-    let _lock = lock_data_dir(&args.data_dir).map_err(|_| {
-        anyhow!(
-            "data directory {} is in use by a running ear-sidecar: stop it first (check works offline)",
-            args.data_dir.display()
-        )
+    if !args.data_dir.is_dir() {
+        bail!("{} is not a directory", args.data_dir.display());
+    }
+    let _lock = lock_data_dir(&args.data_dir).map_err(|e| {
+        if e.to_string().contains("in use") {
+            anyhow!(
+                "data directory {} is in use by a running ear-sidecar: stop it first (check works offline)",
+                args.data_dir.display()
+            )
+        } else {
+            e
+        }
     })?;
     let reg = Registry::load(&args.data_dir)?.ok_or_else(|| {
         anyhow!(
