@@ -88,8 +88,26 @@ fn open_store(dir: &Path, integrity: Integrity, rec: Option<Arc<Recorder>>) -> S
     s
 }
 
-/// Per block, the contents it may legitimately read as.
-type Candidates = Vec<Vec<Vec<u8>>>;
+/// Per block, the contents it may legitimately read as, and whether it was
+/// written since the last flush (a write of identical content counts: it
+/// still puts a new slot on disk that power loss can tear).
+#[derive(Clone)]
+struct Cand {
+    contents: Vec<Vec<u8>>,
+    written: bool,
+}
+
+type Candidates = Vec<Cand>;
+
+fn fresh(n: usize) -> Candidates {
+    vec![
+        Cand {
+            contents: vec![vec![0u8; BLOCK_SIZE]],
+            written: false,
+        };
+        n
+    ]
+}
 
 /// Applies a random operation to the export and the model; every block it
 /// changes gains its new content as a candidate.
@@ -118,9 +136,10 @@ fn random_op(e: &Export, model: &mut [u8], cand: &mut Candidates, rng: &mut Rng)
     }
     for b in lo / BLOCK_SIZE..=(hi - 1) / BLOCK_SIZE {
         let c = model[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE].to_vec();
-        if !cand[b].contains(&c) {
-            cand[b].push(c);
+        if !cand[b].contents.contains(&c) {
+            cand[b].contents.push(c);
         }
+        cand[b].written = true;
     }
 }
 
@@ -210,7 +229,7 @@ fn verify(
     for (b, c) in cand.iter().enumerate() {
         let mut out = vec![0u8; BLOCK_SIZE];
         let r = e.read(b as u64 * 4096, &mut out);
-        let rewritten = c.len() > 1;
+        let rewritten = c.written;
         match r {
             Ok(_) => {
                 // Power loss may leave a rewritten block that the format
@@ -218,14 +237,14 @@ fn verify(
                 // write lost its slot update looks exactly like a first write
                 // killed before its data, which must read as zeros; other
                 // can't-tell blocks are EIO there.)
-                let ok = c.contains(&out)
+                let ok = c.contents.contains(&out)
                     || (crash == Crash::PowerLoss && rewritten && out.iter().all(|&x| x == 0));
                 assert!(
                     ok,
                     "seed {seed}: {what}: {crash:?}: block {b} reads as content it never had \
                      (first byte {:#x}, {} candidates)",
                     out[0],
-                    c.len()
+                    c.contents.len()
                 );
                 got.push(Some(out));
             }
@@ -250,14 +269,15 @@ fn images(integrity: Integrity, crash: Crash, n_images: usize) {
     let s = open_store(d.path(), integrity, Some(Arc::clone(&rec)));
     let e = s.get("t").unwrap();
     let mut model = vec![0u8; SIZE as usize];
-    let mut cand: Candidates = vec![vec![vec![0u8; BLOCK_SIZE]]; BLOCKS];
+    let mut cand = fresh(BLOCKS);
     for _ in 0..30 {
         random_op(e, &mut model, &mut cand, &mut rng);
     }
     e.flush().unwrap();
     // Flushed: exactly one candidate each.
     for (b, c) in cand.iter_mut().enumerate() {
-        *c = vec![model[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE].to_vec()];
+        c.contents = vec![model[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE].to_vec()];
+        c.written = false;
     }
     for _ in 0..25 {
         random_op(e, &mut model, &mut cand, &mut rng);
@@ -312,7 +332,7 @@ fn repeated_kills(integrity: Integrity) {
     let d = tempfile::tempdir().unwrap();
     let rec = Arc::new(Recorder::default());
     let mut s = open_store(d.path(), integrity, Some(Arc::clone(&rec)));
-    let mut cand: Candidates = vec![vec![vec![0u8; BLOCK_SIZE]]; BLOCKS];
+    let mut cand = fresh(BLOCKS);
     let mut model = vec![0u8; SIZE as usize];
     let mut rec = rec;
     let mut dirs = vec![d];
@@ -344,7 +364,10 @@ fn repeated_kills(integrity: Integrity) {
         for (b, g) in got.into_iter().enumerate() {
             let g = g.expect("SIGKILL never gives EIO");
             model[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE].copy_from_slice(&g);
-            cand[b] = vec![g];
+            cand[b] = Cand {
+                contents: vec![g],
+                written: false,
+            };
         }
         // Keep the directory alive for the next round.
         dirs.push(d2);
