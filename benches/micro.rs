@@ -22,7 +22,7 @@ use ear_sidecar::crypto::{
 use ear_sidecar::protocol::consts::NBD_CMD_WRITE;
 use ear_sidecar::protocol::{encode_request, parse_request_header, ExportLimits, RawRequest};
 use ear_sidecar::store::format::{
-    Algorithm, Entry, Header, Integrity, BLOCK_SIZE, ENTRY_SIZE, HEADER_BODY,
+    Algorithm, Header, Integrity, Kind, Slot, State, BLOCK_SIZE, HEADER_BODY, SLOT_SIZE,
 };
 
 fn universe() -> SecretKey {
@@ -37,7 +37,7 @@ fn nonce_for(i: u64) -> [u8; NONCE_LEN] {
 }
 
 fn cipher(c: &mut Criterion) {
-    let keys = derive_file_keys(&universe(), &[1u8; 16]);
+    let keys = derive_file_keys(&universe(), &[1u8; 16], 1);
     let bc = BlockCipher::new(keys.data_cipher());
     let mut g = c.benchmark_group("cipher");
     for size in [4096usize, 64 * 1024, 1 << 20] {
@@ -76,7 +76,7 @@ fn kdf(c: &mut Criterion) {
     c.bench_function("kdf/derive_file_keys", |b| {
         b.iter(|| {
             id[0] = id[0].wrapping_add(1);
-            black_box(derive_file_keys(&u, black_box(&id)))
+            black_box(derive_file_keys(&u, black_box(&id), 1))
         })
     });
 }
@@ -90,7 +90,7 @@ fn keyring(c: &mut Criterion) {
     };
     let ids: Vec<FileId> = (0..FILES).map(|i| [i; 16]).collect();
     for id in &ids {
-        let _ = ring.file_keys(id, 1);
+        let _ = ring.file_keys(id, 1, 1);
     }
     let mut g = c.benchmark_group("keyring_hit");
     g.throughput(Throughput::Elements(1));
@@ -99,7 +99,7 @@ fn keyring(c: &mut Criterion) {
         b.iter(|| {
             i = i.wrapping_add(1);
             let id = ids.get(i % ids.len()).unwrap_or(&[0; 16]);
-            black_box(ring.file_keys(id, 1).is_ok())
+            black_box(ring.file_keys(id, 1, 1).is_ok())
         })
     });
     // Two threads hammer the same (sharded) cache; one iteration is one lookup
@@ -114,7 +114,7 @@ fn keyring(c: &mut Criterion) {
                     s.spawn(move || {
                         for i in 0..iters as usize {
                             let id = ids.get((i + t * 7) % ids.len()).unwrap_or(&[0; 16]);
-                            black_box(ring.file_keys(id, 1).is_ok());
+                            black_box(ring.file_keys(id, 1, 1).is_ok());
                         }
                     });
                 }
@@ -129,31 +129,43 @@ fn format(c: &mut Criterion) {
     let block = vec![0xa5u8; BLOCK_SIZE];
     let mut g = c.benchmark_group("format");
     g.throughput(Throughput::Bytes(BLOCK_SIZE as u64));
-    g.bench_function("entry_for_block_crc_4k", |b| {
-        b.iter(|| black_box(Entry::for_block(nonce_for(3), 1, black_box(&block))))
+    let s0 = Slot {
+        nonce: nonce_for(3),
+        key_version: 1,
+        epoch: 1,
+        generation: 5,
+        kind: Kind::Data,
+        check: 0,
+        tag: [0; 16],
+    };
+    g.bench_function("slot_seal_xxh3_4k", |b| {
+        b.iter(|| black_box(black_box(s0).seal(9, black_box(&block))))
     });
     g.throughput(Throughput::Elements(1));
-    let e = Entry::for_block(nonce_for(3), 1, &block);
-    let mut slot = [0u8; ENTRY_SIZE];
-    g.bench_function("entry_encode", |b| {
+    let e = s0.seal(9, &block);
+    let mut slot = [0u8; SLOT_SIZE];
+    g.bench_function("slot_encode", |b| {
         b.iter(|| {
             black_box(&e).encode(&mut slot);
             black_box(&slot);
         })
     });
     e.encode(&mut slot);
-    g.bench_function("entry_decode", |b| {
-        b.iter(|| black_box(Entry::decode(black_box(&slot))).is_ok())
+    g.bench_function("slot_decode", |b| {
+        b.iter(|| black_box(Slot::decode(black_box(&slot))).is_ok())
     });
     let h = Header {
-        algorithm: Algorithm::Aes256CtrR96,
-        integrity: Integrity::Crc32c,
+        algorithm: Algorithm::Aes256Ctr,
+        integrity: Integrity::Check,
         header_key_version: 1,
         file_id: [9; 16],
         size: 1 << 40,
         sequence: 42,
         dir_id: [3; 16],
         name: "bench-export".to_owned(),
+        state: State::Open,
+        epoch: 1,
+        epoch_writes: 1 << 32,
     };
     g.bench_function("header_encode", |b| {
         b.iter(|| black_box(black_box(&h).encode_body()))

@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         },
         Command::Status(args) => commands::status(&args),
         Command::ValidateKey(args) => return commands::validate_key(&args),
+        Command::Check(args) => return app::check::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

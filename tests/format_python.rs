@@ -4,8 +4,12 @@
 //! `cryptography` package, written only from the document), and compared
 //! byte for byte with the image the writes should have produced.
 //!
-//! Requires qemu-io, python3 and the `cryptography` package; a missing one
-//! fails the test with a clear message.
+//! The sidecar runs with tiny key epochs (the hidden `--epoch-writes` test
+//! knob) and blocks are rewritten, so the decryptor meets several epochs,
+//! newest slots in both positions and zero slots.
+//!
+//! Requires qemu-io, python3 and the `cryptography` and `xxhash` packages; a
+//! missing one fails the test with a clear message.
 
 mod common;
 
@@ -23,10 +27,11 @@ fn decryptor() -> PathBuf {
 
 fn require_python_cryptography() {
     require_tool("python3");
-    let out = run(Command::new("python3").args(["-c", "import cryptography"]));
+    let out = run(Command::new("python3").args(["-c", "import cryptography, xxhash"]));
     assert!(
         out.status.success(),
-        "python3 cannot import the `cryptography` package (pip install cryptography):\n{}",
+        "python3 cannot import the `cryptography` and `xxhash` packages \
+         (pip install cryptography xxhash):\n{}",
         out.stderr
     );
 }
@@ -60,7 +65,7 @@ impl Op {
     }
 }
 
-fn decrypt(s: &Sidecar, export: &str) -> Vec<u8> {
+fn decrypt(s: &Sidecar, export: &str) -> (Vec<u8>, serde_json::Value) {
     let out_file = s.root().join(format!("{export}.plain"));
     let out = run(Command::new("python3")
         .arg(decryptor())
@@ -75,7 +80,16 @@ fn decrypt(s: &Sidecar, export: &str) -> Vec<u8> {
         out.status,
         out.both()
     );
-    std::fs::read(&out_file).expect("read decrypted image")
+    let seen = out
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("SEEN "))
+        .and_then(|j| serde_json::from_str(j).ok())
+        .unwrap_or_else(|| panic!("no SEEN line from decrypt_ear.py:\n{}", out.stderr));
+    (
+        std::fs::read(&out_file).expect("read decrypted image"),
+        seen,
+    )
 }
 
 fn assert_same(got: &[u8], want: &[u8], what: &str) {
@@ -91,7 +105,7 @@ fn assert_same(got: &[u8], want: &[u8], what: &str) {
     }
 }
 
-fn round_trip(encryption: &str) {
+fn round_trip(encryption: &str, integrity: &str) {
     require_tool("qemu-io");
     require_python_cryptography();
     // 2 MiB + 1.5 KiB: two full groups plus a third group whose only block is
@@ -104,6 +118,10 @@ fn round_trip(encryption: &str) {
         "other=1M",
         "--encryption",
         encryption,
+        "--integrity",
+        integrity,
+        "--epoch-writes",
+        "4",
     ]);
     let ops = [
         Op::Pattern(0x11, 0, 64 * KIB),
@@ -116,6 +134,8 @@ fn round_trip(encryption: &str) {
         Op::Pattern(0x66, 2 * MIB, 1536), // the partial last block
         Op::Pattern(0x77, 40 * KIB, 4096),
         Op::Pattern(0x77, 40 * KIB, 4096), // the same block rewritten
+        Op::Pattern(0x78, 40 * KIB, 4096), // and again: newest slot back in slot 0
+        Op::Pattern(0x88, 0, 16 * KIB),    // rewrites under a later epoch
     ];
     let mut image = vec![0u8; size];
     let cmds: Vec<String> = ops.iter().map(Op::command).collect();
@@ -127,10 +147,22 @@ fn round_trip(encryption: &str) {
     }
     s.stop();
 
-    assert_same(&decrypt(&s, "default"), &image, "default");
+    let (got, seen) = decrypt(&s, "default");
+    assert_same(&got, &image, "default");
     let mut other = vec![0u8; MIB];
     other[4096..8192].fill(0x99);
-    assert_same(&decrypt(&s, "other"), &other, "other");
+    assert_same(&decrypt(&s, "other").0, &other, "other");
+    // Both slot positions hold newest slots, and zero slots were read.
+    let n = &seen["newest_in_slot"];
+    assert!(n[0].as_u64() > Some(0) && n[1].as_u64() > Some(0), "{seen}");
+    assert!(seen["zero_slots"].as_u64() > Some(0), "{seen}");
+    if encryption == "on" {
+        let epochs = seen["epochs"].as_array().map_or(0, Vec::len);
+        assert!(epochs >= 3, "blocks under several key epochs: {seen}");
+        if integrity == "on" {
+            assert!(seen["tags_verified"].as_u64() > Some(0), "{seen}");
+        }
+    }
 
     // The decryptor is not trivially accepting: a different KEK must fail.
     if encryption == "on" {
@@ -154,10 +186,15 @@ fn round_trip(encryption: &str) {
 
 #[test]
 fn python_decrypts_what_qemu_io_wrote() {
-    round_trip("on");
+    round_trip("on", "off");
+}
+
+#[test]
+fn python_verifies_block_tags_in_integrity_mode() {
+    round_trip("on", "on");
 }
 
 #[test]
 fn python_reads_plaintext_directory_too() {
-    round_trip("off");
+    round_trip("off", "off");
 }

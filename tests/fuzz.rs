@@ -20,9 +20,7 @@ use ear_sidecar::protocol::{
     self, consts::*, ClientOption, ExportLimits, InfoRequest, MetaContextRequest, OptionError,
     OptionHeader, ProtocolError, RawRequest, RequestKind, MAX_OPTION_LEN,
 };
-use ear_sidecar::store::format::{
-    Entry, EntryState, Header, ENTRY_SIZE, HEADER_BODY, MAX_EXPORT_SIZE,
-};
+use ear_sidecar::store::format::{Header, Slot, HEADER_BODY, MAX_EXPORT_SIZE, SLOT_SIZE};
 use hardening_common::{Rng, Sidecar};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
@@ -283,21 +281,21 @@ proptest! {
         }
     }
 
-    /// Block entries: never panic on any length; accepted entries re-encode
+    /// Block slots: never panic on any length; accepted slots re-encode
     /// to the same 64 bytes; short input is an error.
     #[test]
-    fn fuzz_entry_decode(raw in mutated(valid_entries(), 80)) {
-        match Entry::decode(&raw) {
-            Ok(EntryState::Unwritten) => prop_assert!(raw[..ENTRY_SIZE].iter().all(|&b| b == 0)),
-            Ok(EntryState::Written(e)) => {
-                let mut out = [0u8; ENTRY_SIZE];
+    fn fuzz_slot_decode(raw in mutated(valid_entries(), 80)) {
+        match Slot::decode(&raw) {
+            Ok(None) => prop_assert!(raw[..SLOT_SIZE].iter().all(|&b| b == 0)),
+            Ok(Some(e)) => {
+                let mut out = [0u8; SLOT_SIZE];
                 e.encode(&mut out);
-                prop_assert_eq!(&out[..], &raw[..ENTRY_SIZE]);
+                prop_assert_eq!(&out[..], &raw[..SLOT_SIZE]);
             }
             Err(_) => {}
         }
-        if raw.len() < ENTRY_SIZE {
-            prop_assert!(Entry::decode(&raw).is_err());
+        if raw.len() < SLOT_SIZE {
+            prop_assert!(Slot::decode(&raw).is_err());
         }
     }
 }
@@ -306,10 +304,10 @@ fn valid_headers() -> Vec<Vec<u8>> {
     use ear_sidecar::store::format::{Algorithm, Integrity};
     let mut v = Vec::new();
     for (alg, kv, name, size) in [
-        (Algorithm::Aes256CtrR96, 1u32, "default", 1u64 << 30),
+        (Algorithm::Aes256Ctr, 1u32, "default", 1u64 << 30),
         (Algorithm::None, 0, "x", 512),
         (
-            Algorithm::Aes256CtrR96,
+            Algorithm::Aes256Ctr,
             7,
             &"n".repeat(64)[..],
             MAX_EXPORT_SIZE,
@@ -317,7 +315,10 @@ fn valid_headers() -> Vec<Vec<u8>> {
     ] {
         let h = Header {
             algorithm: alg,
-            integrity: Integrity::Crc32c,
+            integrity: Integrity::Check,
+            state: ear_sidecar::store::format::State::Open,
+            epoch: 3,
+            epoch_writes: 1 << 32,
             header_key_version: kv,
             file_id: [0x42; 16],
             size,
@@ -332,9 +333,19 @@ fn valid_headers() -> Vec<Vec<u8>> {
 
 fn valid_entries() -> Vec<Vec<u8>> {
     let stored = vec![0x5au8; 4096];
-    let mut out = vec![0u8; ENTRY_SIZE];
-    Entry::for_block([9; 12], 1, &stored).encode(&mut out);
-    vec![out, vec![0u8; ENTRY_SIZE]]
+    let mut out = vec![0u8; SLOT_SIZE];
+    Slot {
+        nonce: [9; 12],
+        key_version: 1,
+        epoch: 2,
+        generation: 7,
+        kind: ear_sidecar::store::format::Kind::Data,
+        check: 0,
+        tag: [0; 16],
+    }
+    .seal(0, &stored)
+    .encode(&mut out);
+    vec![out, vec![0u8; SLOT_SIZE]]
 }
 
 // ------------------------------------------------------------ live stream fuzz

@@ -298,7 +298,7 @@ async fn watcher_fails_closed_on_disable_and_survives_outage() {
     eprintln!("failed closed {took:?} after DisableKey (grace 1 s, interval 200 ms)");
     assert!(ring.is_failed_closed());
     assert!(took >= Duration::from_millis(900), "{took:?}");
-    assert!(ring.file_keys(&[0u8; 16], 1).is_err());
+    assert!(ring.file_keys(&[0u8; 16], 1, 1).is_err());
     assert_eq!(state.snapshot().gauge(), 2);
     drop(tx);
     task.await.unwrap();
@@ -334,7 +334,7 @@ async fn watcher_fails_closed_on_disable_and_survives_outage() {
     assert_eq!(s.health, MasterKeyHealth::Ok, "{s:?}");
     assert!(!s.provider_reachable, "{s:?}");
     assert!(!ring.is_failed_closed());
-    assert!(ring.file_keys(&[0u8; 16], 1).is_ok());
+    assert!(ring.file_keys(&[0u8; 16], 1, 1).is_ok());
     drop(tx);
     task.await.unwrap();
 }

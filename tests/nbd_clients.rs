@@ -26,13 +26,13 @@ const MIB: u64 = 1024 * 1024;
 
 // Geometry from doc/FORMAT.md ("Backing file layout", "Group").
 const DATA_START: u64 = 8192;
-const GROUP_BYTES: u64 = 1_064_960;
-const GROUP_META: u64 = 16_384;
-const ENTRY_SIZE: u64 = 64;
+const GROUP_BYTES: u64 = 1_081_344;
+const GROUP_META: u64 = 32_768;
+const PAIR_SIZE: u64 = 128;
 const BLOCK: u64 = 4096;
 
-fn entry_offset(b: u64) -> u64 {
-    DATA_START + (b / 256) * GROUP_BYTES + (b % 256) * ENTRY_SIZE
+fn pair_offset(b: u64) -> u64 {
+    DATA_START + (b / 256) * GROUP_BYTES + (b % 256) * PAIR_SIZE
 }
 
 fn data_offset(b: u64) -> u64 {
@@ -392,24 +392,42 @@ fn same_block_written_twice_gets_fresh_nonce_and_ciphertext() {
     let off = b * BLOCK;
     let snapshot = || {
         (
-            common::read_at(&file, entry_offset(b), ENTRY_SIZE as usize),
+            common::read_at(&file, pair_offset(b), PAIR_SIZE as usize),
             common::read_at(&file, data_offset(b), BLOCK as usize),
         )
     };
     let write = format!("write -P 0x42 {off} 4096");
     qemu_io(&uri, &[&write, "flush"]);
-    let (e1, d1) = snapshot();
+    let (p1, d1) = snapshot();
     qemu_io(&uri, &[&write, "flush"]);
-    let (e2, d2) = snapshot();
+    let (p2, d2) = snapshot();
     qemu_io(&uri, &[&format!("read -P 0x42 {off} 4096")]);
+    // The first write took slot 0 (generation 1), the second slot 1
+    // (generation 2), leaving slot 0 as it was.
+    let (e1, e2) = (&p1[0..64], &p2[64..128]);
+    assert!(
+        p1[64..].iter().all(|&x| x == 0),
+        "slot 1 empty after one write"
+    );
+    assert_eq!(&p2[0..64], e1, "the older slot is kept");
 
-    for (e, d) in [(&e1, &d1), (&e2, &d2)] {
+    for (e, d, generation) in [(e1, &d1, 1u32), (e2, &d2, 2)] {
         assert_ne!(&e[0..12], &[0u8; 12], "nonce is zero");
         assert_eq!(&e[12..16], &1u32.to_le_bytes(), "key version 1");
-        assert_eq!(&e[16..20], &1u32.to_le_bytes(), "flags = written");
-        assert!(e[24..].iter().all(|&x| x == 0), "reserved bytes");
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&e[0..20]), d);
-        assert_eq!(&e[20..24], &crc.to_le_bytes(), "CRC32C per FORMAT.md");
+        assert_ne!(&e[16..20], &0u32.to_le_bytes(), "epoch");
+        assert_eq!(&e[20..24], &generation.to_le_bytes(), "generation");
+        assert_eq!(&e[24..26], &1u16.to_le_bytes(), "kind = data");
+        assert!(e[26..32].iter().all(|&x| x == 0), "reserved bytes");
+        assert!(e[40..].iter().all(|&x| x == 0), "no tag, reserved bytes");
+        let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+        h.update(&e[0..32]);
+        h.update(&b.to_le_bytes());
+        h.update(d);
+        assert_eq!(
+            &e[32..40],
+            &h.digest().to_le_bytes(),
+            "XXH3-64 per FORMAT.md"
+        );
         assert_ne!(
             d.as_slice(),
             &[0x42u8; 4096][..],

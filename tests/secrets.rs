@@ -216,27 +216,43 @@ fn no_key_material_in_files_logs_or_cli_output() {
         let file =
             std::fs::read(sc.data_dir.join("exports").join(format!("{export}.ear"))).unwrap();
         let file_id: [u8; 16] = file[32..48].try_into().unwrap();
+        // Block 0's slots name the epoch its data key belongs to.
+        let epochs: Vec<u32> = (0..2)
+            .map(|i| {
+                let at = 8192 + i * 64 + 16;
+                u32::from_le_bytes(file[at..at + 4].try_into().unwrap())
+            })
+            .collect();
         for (v, u) in &universes {
-            let data = derive(u, &file_id, ear_sidecar::crypto::LABEL_DATA);
-            keys.push((format!("{export} data key v{v}"), data));
             keys.push((
                 format!("{export} header-MAC key v{v}"),
                 derive(u, &file_id, ear_sidecar::crypto::LABEL_HEADER_MAC),
             ));
-            keys.push((
-                format!("{export} block-MAC key v{v}"),
-                derive(u, &file_id, ear_sidecar::crypto::LABEL_BLOCK_MAC),
-            ));
-            // Prove the derived data key is the real one: decrypt block 0.
-            if export == "default" {
-                use aes::cipher::KeyInit;
-                let entry = &file[8192..8192 + 64];
-                let nonce: [u8; 12] = entry[..12].try_into().unwrap();
-                let mut block = file[8192 + 16384..8192 + 16384 + 4096].to_vec();
-                let enc = aes::Aes256Enc::new((&data).into());
-                ear_sidecar::crypto::BlockCipher::new(&enc).apply(&nonce, &mut block);
-                if block == pattern(0, 1) {
-                    checked_block = true;
+            for epoch in (1..=4).chain(epochs.iter().copied()) {
+                let with_epoch = |label: &[u8]| {
+                    let mut info = label.to_vec();
+                    info.extend_from_slice(&epoch.to_be_bytes());
+                    derive(u, &file_id, &info)
+                };
+                let data = with_epoch(ear_sidecar::crypto::LABEL_DATA);
+                keys.push((format!("{export} data key v{v} epoch {epoch}"), data));
+                keys.push((
+                    format!("{export} block-MAC key v{v} epoch {epoch}"),
+                    with_epoch(ear_sidecar::crypto::LABEL_BLOCK_MAC),
+                ));
+                // Prove the derived data key is the real one: decrypt block 0.
+                if export == "default" {
+                    use aes::cipher::KeyInit;
+                    for slot in 0..2 {
+                        let entry = &file[8192 + slot * 64..8192 + slot * 64 + 64];
+                        let nonce: [u8; 12] = entry[..12].try_into().unwrap();
+                        let mut block = file[8192 + 32768..8192 + 32768 + 4096].to_vec();
+                        let enc = aes::Aes256Enc::new((&data).into());
+                        ear_sidecar::crypto::BlockCipher::new(&enc).apply(&nonce, &mut block);
+                        if block == pattern(0, 1) {
+                            checked_block = true;
+                        }
+                    }
                 }
             }
         }

@@ -29,7 +29,7 @@ use crate::health::Health;
 use crate::keys::aws::{KmsCallStats, KmsOp};
 use crate::keys::revocation::RevocationState;
 use crate::server::observe::RequestMetrics;
-use crate::store::Store;
+use crate::store::{Export, Store};
 
 /// Histogram buckets (seconds) for every latency histogram: from a cached
 /// page-cache hit through NVMe and network disks to a stalled device.
@@ -74,6 +74,16 @@ pub mod names {
     pub const EXPORTS: &str = "ear_exports";
     /// Gauge 1 when `/readyz` answers 200.
     pub const READY: &str = "ear_ready";
+    /// Counter: blocks found matching neither slot (read as zeros, or EIO
+    /// with per-block integrity), by `export`.
+    pub const BLOCKS_UNRECOVERABLE: &str = "ear_blocks_unrecoverable_total";
+    /// Gauge: key epoch new writes use, by `export`.
+    pub const KEY_EPOCH: &str = "ear_key_epoch";
+    /// Gauge: block writes taken in the current key epoch, by `export`.
+    pub const KEY_EPOCH_WRITES: &str = "ear_key_epoch_writes";
+    /// Gauge: fraction of groups the scrub after an unclean shutdown has
+    /// passed (1 when done or not needed), by `export`.
+    pub const SCRUB_PROGRESS: &str = "ear_scrub_progress_ratio";
 }
 
 /// Registers HELP text and units of every metric with the current recorder.
@@ -137,6 +147,19 @@ pub fn describe_all() {
         ACTIVE_KEY_VERSION,
         "Universe-key version used for new writes."
     );
+    describe_counter!(
+        BLOCKS_UNRECOVERABLE,
+        "Blocks matching neither of their slots (a write torn by power loss, or damage)."
+    );
+    describe_gauge!(KEY_EPOCH, "Key epoch new block writes use.");
+    describe_gauge!(
+        KEY_EPOCH_WRITES,
+        "Block writes taken in the current key epoch."
+    );
+    describe_gauge!(
+        SCRUB_PROGRESS,
+        "Fraction of groups scrubbed after an unclean shutdown (1 when done)."
+    );
     describe_gauge!(OPEN_CONNECTIONS, "Open NBD client connections.");
     describe_gauge!(EXPORTS, "Exports served.");
     describe_gauge!(
@@ -190,6 +213,15 @@ pub struct Metrics {
     connections: Gauge,
     exports: Gauge,
     ready: Gauge,
+    store: OnceLock<Vec<(Arc<Export>, StoreHandles)>>,
+}
+
+/// Per-export series read from the store's counters at scrape time.
+struct StoreHandles {
+    unrecoverable: Counter,
+    epoch: Gauge,
+    epoch_writes: Gauge,
+    scrub: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -223,6 +255,7 @@ impl Metrics {
             connections: metrics::gauge!(names::OPEN_CONNECTIONS),
             exports: metrics::gauge!(names::EXPORTS),
             ready: metrics::gauge!(names::READY),
+            store: OnceLock::new(),
         };
         m.refresh();
         m
@@ -241,6 +274,20 @@ impl Metrics {
     pub fn request_metrics(&self, store: &Store) -> RequestMetrics {
         let names: Vec<&str> = store.exports().map(|e| e.name()).collect();
         self.exports.set(names.len() as f64);
+        let handles = store
+            .exports()
+            .map(|e| {
+                let n = e.name().to_string();
+                let h = StoreHandles {
+                    unrecoverable: metrics::counter!(names::BLOCKS_UNRECOVERABLE, "export" => n.clone()),
+                    epoch: metrics::gauge!(names::KEY_EPOCH, "export" => n.clone()),
+                    epoch_writes: metrics::gauge!(names::KEY_EPOCH_WRITES, "export" => n.clone()),
+                    scrub: metrics::gauge!(names::SCRUB_PROGRESS, "export" => n),
+                };
+                (Arc::clone(e), h)
+            })
+            .collect();
+        let _ = self.store.set(handles);
         RequestMetrics::new(names)
     }
 
@@ -317,6 +364,21 @@ impl Metrics {
                 unavailable.absolute(c.unavailable.load(Ordering::Relaxed));
                 refused.absolute(c.refused.load(Ordering::Relaxed));
             }
+        }
+        for (e, h) in self.store.get().into_iter().flatten() {
+            let c = e.counters();
+            h.unrecoverable
+                .absolute(c.unrecoverable_blocks.load(Ordering::Relaxed));
+            h.epoch.set(f64::from(c.epoch.load(Ordering::Relaxed)));
+            h.epoch_writes
+                .set(c.writes_in_epoch.load(Ordering::Relaxed) as f64);
+            let total = c.scrub_groups_total.load(Ordering::Relaxed);
+            let done = c.scrub_groups_done.load(Ordering::Relaxed).min(total);
+            h.scrub.set(if total == 0 {
+                1.0
+            } else {
+                done as f64 / total as f64
+            });
         }
         if let Some((state, h)) = self.revocation.get() {
             let s = state.snapshot();

@@ -7,6 +7,7 @@
 //! The top of the library: it wires the layers together and is the only
 //! place besides `main` that uses `anyhow`.
 
+pub mod check;
 pub mod commands;
 
 use std::fs::File;
@@ -30,7 +31,7 @@ use crate::keys::revocation::{watch_master_key, RevocationState};
 use crate::keys::{with_deadline, DeadlineError, KeyError, KeyProvider, MasterKeyState};
 use crate::server::observe::RequestMetrics;
 use crate::server::{self, ServerConfig, Shared};
-use crate::store::Store;
+use crate::store::{self, Store};
 
 /// A started sidecar: keys in memory, exports open, socket bound.
 pub struct App {
@@ -234,7 +235,8 @@ impl App {
             let _ = w.await;
         }
         let store = self.store;
-        tokio::task::block_in_place(|| store.flush_all()).context("final flush")?;
+        // Flush, then mark every export closed cleanly.
+        tokio::task::block_in_place(|| store.close()).context("final flush")?;
         let _ = std::fs::remove_file(&self.cfg.socket);
         tracing::info!("shut down cleanly");
         Ok(())
@@ -329,10 +331,18 @@ fn open_store(cfg: &ServeConfig, registry: &Registry, keys: Option<Arc<KeyRing>>
         .and_then(|v| v.try_into().ok())
         .ok_or_else(|| anyhow!("key registry has a malformed dir_id"))?;
     let specs = cfg.exports.resolve(&cfg.data_dir)?;
-    let store = tokio::task::block_in_place(|| {
-        Store::open_with(&cfg.data_dir, dir_id, keys, &specs, cfg.integrity)
-    })
-    .context("open exports")?;
+    // The epoch size is a hidden test knob (--epoch-writes).
+    let opts = store::ExportOptions {
+        integrity: if cfg.integrity {
+            store::format::Integrity::Gmac
+        } else {
+            store::format::Integrity::Check
+        },
+        epoch_writes: cfg.epoch_writes.unwrap_or(store::format::MAX_EPOCH_WRITES),
+    };
+    let store =
+        tokio::task::block_in_place(|| Store::open_opts(&cfg.data_dir, dir_id, keys, &specs, opts))
+            .context("open exports")?;
     for e in store.exports() {
         tracing::info!(
             export = e.name(),
@@ -362,7 +372,7 @@ fn wire_metrics(
 
 /// Holds an exclusive lock on the data directory for the process lifetime, so
 /// two sidecars can never write one store.
-fn lock_data_dir(dir: &Path) -> Result<File> {
+pub(crate) fn lock_data_dir(dir: &Path) -> Result<File> {
     let path = dir.join(".lock");
     let f = std::fs::OpenOptions::new()
         .create(true)

@@ -36,6 +36,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Check that an AWS KMS key is usable for EAR, without touching any data directory.
     ValidateKey(ValidateKeyArgs),
+    /// Verify (and with --repair, repair) the backing files of a data directory offline.
+    Check(CheckArgs),
 }
 
 /// `on` / `off` switch as written on the command line.
@@ -168,6 +170,45 @@ pub struct ServeArgs {
     /// Per-block authentication tags (requires encryption) [env: EAR_INTEGRITY] [default: off]
     #[arg(long, value_name = "on|off")]
     pub integrity: Option<OnOff>,
+
+    /// TEST ONLY: block writes per key epoch (default 2^32), so tests can cross
+    /// many epochs in seconds. Not a tuning knob.
+    #[arg(long, hide = true, env = "EAR_EPOCH_WRITES", value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=(1u64 << 32)))]
+    pub epoch_writes: Option<u64>,
+}
+
+/// Options of `ear-sidecar check`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Data directory to check (no sidecar may be running on it)
+    #[arg(long, value_name = "DIR", env = "EAR_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// Check only this export
+    #[arg(long, value_name = "NAME")]
+    pub export: Option<String>,
+
+    /// Resolve what can be resolved (never inventing data) and record every
+    /// change in <data-dir>/repairs.jsonl
+    #[arg(long)]
+    pub repair: bool,
+
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+
+    /// KEK file of the local provider [default: <data-dir>/local.kek]
+    #[arg(long, value_name = "PATH", env = "EAR_LOCAL_KEK_FILE")]
+    pub local_kek_file: Option<PathBuf>,
+
+    /// AWS KMS endpoint URL [default: from the AWS configuration]
+    #[arg(long, value_name = "URL", env = "EAR_KMS_ENDPOINT")]
+    pub kms_endpoint: Option<String>,
+
+    /// AWS region [default: from the key ARN or the AWS configuration]
+    #[arg(long, value_name = "REGION", env = "EAR_KMS_REGION")]
+    pub kms_region: Option<String>,
 }
 
 /// Options of `ear-sidecar status`.

@@ -422,6 +422,7 @@ impl ServeConfig {
             log_format: log_format.value,
             log_level,
             integrity: integrity.value == OnOff::On,
+            epoch_writes: args.epoch_writes,
         })
     }
 }

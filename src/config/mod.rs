@@ -279,4 +279,6 @@ pub struct ServeConfig {
     pub log_level: String,
     /// Per-block authentication tags (only with encryption on).
     pub integrity: bool,
+    /// Test only: block writes per key epoch (`None`: the format's maximum).
+    pub epoch_writes: Option<u64>,
 }

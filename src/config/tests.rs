@@ -200,6 +200,7 @@ fn defaults() {
             log_format: LogFormat::Text,
             log_level: "info".into(),
             integrity: false,
+            epoch_writes: None,
         }
     );
     // The KEK default follows the resolved data dir.

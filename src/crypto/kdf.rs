@@ -1,4 +1,5 @@
-//! HKDF-SHA256 derivation of per-file keys (RFC 5869), one key per purpose.
+//! HKDF-SHA256 derivation of per-file keys (RFC 5869), one key per purpose
+//! and, for the data and block-MAC keys, per epoch.
 
 use std::fmt;
 
@@ -13,15 +14,16 @@ use zeroize::Zeroizing;
 
 use super::{FileId, SecretKey, KEY_LEN};
 
-/// HKDF `info` for the data-encryption key (format version 1).
-pub const LABEL_DATA: &[u8] = b"ear-sidecar/v1 data-key";
-/// HKDF `info` for the header MAC key.
-pub const LABEL_HEADER_MAC: &[u8] = b"ear-sidecar/v1 header-mac-key";
-/// HKDF `info` for the per-block MAC key (integrity mode).
-pub const LABEL_BLOCK_MAC: &[u8] = b"ear-sidecar/v1 block-mac-key";
+/// HKDF `info` prefix of the data-encryption key; `be32(epoch)` follows.
+pub const LABEL_DATA: &[u8] = b"ear-sidecar/v2 data-key";
+/// HKDF `info` for the header MAC key (no epoch).
+pub const LABEL_HEADER_MAC: &[u8] = b"ear-sidecar/v2 header-mac-key";
+/// HKDF `info` prefix of the per-block MAC key (integrity mode); `be32(epoch)` follows.
+pub const LABEL_BLOCK_MAC: &[u8] = b"ear-sidecar/v2 block-mac-key";
 
-/// The keys of one backing file under one universe-key version. The AES key
-/// schedule is expanded once here and reused for every block.
+/// The keys of one backing file under one universe-key version and one
+/// epoch. The AES key schedules are expanded once here and reused for every
+/// block.
 pub struct FileKeys {
     data: Box<Aes256Enc>,
     header_mac: SecretKey,
@@ -37,21 +39,24 @@ impl fmt::Debug for FileKeys {
     }
 }
 
-/// Derives the keys of file `file_id` from `universe` (one HKDF extract, one
-/// expand per purpose).
-pub fn derive_file_keys(universe: &SecretKey, file_id: &FileId) -> FileKeys {
+/// Derives the keys of file `file_id` for `epoch` from `universe` (one HKDF
+/// extract, one expand per purpose). The header MAC key does not depend on
+/// the epoch.
+pub fn derive_file_keys(universe: &SecretKey, file_id: &FileId, epoch: u32) -> FileKeys {
     let hk = Hkdf::<Sha256>::new(Some(&file_id[..]), universe.expose());
-    let expand = |label: &[u8]| {
+    let expand = |label: &[u8], epoch: Option<u32>| {
         let mut okm = Zeroizing::new([0u8; KEY_LEN]);
+        let e = epoch.map(u32::to_be_bytes);
+        let info: [&[u8]; 2] = [label, e.as_ref().map_or(&[][..], |e| &e[..])];
         // 32 bytes is far below HKDF-SHA256's 255*32 limit: cannot fail.
-        hk.expand(label, &mut okm[..])
+        hk.expand_multi_info(&info, &mut okm[..])
             .expect("HKDF-SHA256 expand of 32 bytes cannot fail");
         okm
     };
-    let data_key = expand(LABEL_DATA);
+    let data_key = expand(LABEL_DATA, Some(epoch));
     let data = Box::new(Aes256Enc::new((&*data_key).into()));
-    let mut hm = expand(LABEL_HEADER_MAC);
-    let bm = expand(LABEL_BLOCK_MAC);
+    let mut hm = expand(LABEL_HEADER_MAC, None);
+    let bm = expand(LABEL_BLOCK_MAC, Some(epoch));
     FileKeys {
         data,
         header_mac: SecretKey::take_from(&mut hm[..]).expect("32-byte key"),
@@ -84,22 +89,25 @@ impl FileKeys {
     /// Per-block authentication tag (integrity mode): AES-256-GMAC (GCM with
     /// an empty plaintext, NIST SP 800-38D) under the block-MAC key, with the
     /// block's 96-bit nonce as IV and, as AAD,
-    /// `file_id(16) || be64(block index) || be32(key version) || stored block`.
+    /// `file_id(16) || be64(block index) || be32(key version) || be32(epoch) || stored block`.
     /// The block-MAC key is independent of the data key, and the nonce is
-    /// fresh per write, so this is a nonce-based Carter-Wegman MAC binding the
-    /// ciphertext to its file, position and key version.
+    /// unique per write under one (version, epoch) key, so this is a
+    /// nonce-based Carter-Wegman MAC binding the ciphertext to its file,
+    /// position, key version and epoch.
     pub fn block_tag(
         &self,
         nonce: &[u8; 12],
         file_id: &super::FileId,
         block: u64,
         key_version: u32,
+        epoch: u32,
         stored: &[u8],
     ) -> [u8; BLOCK_TAG_LEN] {
-        let mut aad = Vec::with_capacity(28 + stored.len());
+        let mut aad = Vec::with_capacity(32 + stored.len());
         aad.extend_from_slice(file_id);
         aad.extend_from_slice(&block.to_be_bytes());
         aad.extend_from_slice(&key_version.to_be_bytes());
+        aad.extend_from_slice(&epoch.to_be_bytes());
         aad.extend_from_slice(stored);
         let tag = self
             .block_mac
@@ -109,6 +117,7 @@ impl FileKeys {
     }
 
     /// Constant-time check of a block tag.
+    #[allow(clippy::too_many_arguments)]
     pub fn verify_block_tag(
         &self,
         tag: &[u8],
@@ -116,10 +125,11 @@ impl FileKeys {
         file_id: &super::FileId,
         block: u64,
         key_version: u32,
+        epoch: u32,
         stored: &[u8],
     ) -> bool {
         use subtle::ConstantTimeEq;
-        let want = self.block_tag(nonce, file_id, block, key_version, stored);
+        let want = self.block_tag(nonce, file_id, block, key_version, epoch, stored);
         tag.len() == BLOCK_TAG_LEN && bool::from(want.ct_eq(tag))
     }
 }
@@ -168,17 +178,33 @@ mod tests {
     fn purposes_and_files_get_distinct_keys() {
         let mut raw = [9u8; 32];
         let u = SecretKey::take_from(&mut raw).unwrap();
-        let a = derive_file_keys(&u, &[1u8; 16]);
-        let b = derive_file_keys(&u, &[2u8; 16]);
+        let a = derive_file_keys(&u, &[1u8; 16], 1);
+        let b = derive_file_keys(&u, &[2u8; 16], 1);
+        let a2 = derive_file_keys(&u, &[1u8; 16], 2);
         assert_ne!(a.header_mac(b"x"), b.header_mac(b"x"));
-        let t = a.block_tag(&[1; 12], &[1; 16], 5, 1, b"data");
-        assert!(a.verify_block_tag(&t, &[1; 12], &[1; 16], 5, 1, b"data"));
-        assert!(!a.verify_block_tag(&t, &[1; 12], &[1; 16], 6, 1, b"data"));
-        assert!(!a.verify_block_tag(&t, &[1; 12], &[2; 16], 5, 1, b"data"));
-        assert!(!a.verify_block_tag(&t, &[1; 12], &[1; 16], 5, 2, b"data"));
-        assert!(!a.verify_block_tag(&t, &[2; 12], &[1; 16], 5, 1, b"data"));
-        assert!(!a.verify_block_tag(&t, &[1; 12], &[1; 16], 5, 1, b"dat4"));
-        assert_ne!(t, b.block_tag(&[1; 12], &[1; 16], 5, 1, b"data"));
+        assert_eq!(
+            a.header_mac(b"x"),
+            a2.header_mac(b"x"),
+            "header key has no epoch"
+        );
+        let t = a.block_tag(&[1; 12], &[1; 16], 5, 1, 1, b"data");
+        assert!(a.verify_block_tag(&t, &[1; 12], &[1; 16], 5, 1, 1, b"data"));
+        assert!(!a.verify_block_tag(&t, &[1; 12], &[1; 16], 6, 1, 1, b"data"));
+        assert!(!a.verify_block_tag(&t, &[1; 12], &[2; 16], 5, 1, 1, b"data"));
+        assert!(!a.verify_block_tag(&t, &[1; 12], &[1; 16], 5, 2, 1, b"data"));
+        assert!(!a.verify_block_tag(&t, &[1; 12], &[1; 16], 5, 1, 2, b"data"));
+        assert!(!a.verify_block_tag(&t, &[2; 12], &[1; 16], 5, 1, 1, b"data"));
+        assert!(!a.verify_block_tag(&t, &[1; 12], &[1; 16], 5, 1, 1, b"dat4"));
+        assert_ne!(t, b.block_tag(&[1; 12], &[1; 16], 5, 1, 1, b"data"));
+        assert_ne!(
+            t,
+            a2.block_tag(&[1; 12], &[1; 16], 5, 1, 1, b"data"),
+            "per-epoch MAC key"
+        );
+        let (mut x, mut y) = ([0u8; 16], [0u8; 16]);
+        crate::crypto::BlockCipher::new(a.data_cipher()).apply(&[0; 12], &mut x);
+        crate::crypto::BlockCipher::new(a2.data_cipher()).apply(&[0; 12], &mut y);
+        assert_ne!(x, y, "per-epoch data key");
         assert!(a.verify_header_mac(b"x", &a.header_mac(b"x")));
         assert!(!a.verify_header_mac(b"y", &a.header_mac(b"x")));
     }

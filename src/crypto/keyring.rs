@@ -1,5 +1,5 @@
 //! The in-memory key ring: universe keys by version, and a sharded LRU cache
-//! of derived per-file keys keyed by (file id, key version).
+//! of derived per-file keys keyed by (file id, key version, epoch).
 //!
 //! The cache is split into shards, each behind its own short-held mutex, so
 //! concurrent requests on different files rarely meet on one lock (`lru`'s
@@ -17,7 +17,7 @@ use super::{derive_file_keys, CryptoError, FileId, FileKeys, SecretKey};
 
 const SHARDS: usize = 16;
 
-type Shard = Mutex<LruCache<(FileId, u32), Arc<FileKeys>>>;
+type Shard = Mutex<LruCache<(FileId, u32, u32), Arc<FileKeys>>>;
 
 /// Counters of the derived-key cache (read by the metrics layer).
 #[derive(Debug, Default)]
@@ -96,13 +96,20 @@ impl KeyRing {
         &self.stats
     }
 
-    /// The keys of `file` under `version`, derived on a cache miss.
-    pub fn file_keys(&self, file: &FileId, version: u32) -> Result<Arc<FileKeys>, CryptoError> {
+    /// The keys of `file` under `version` for `epoch`, derived on a cache
+    /// miss. (The header MAC key is the same in every epoch.)
+    pub fn file_keys(
+        &self,
+        file: &FileId,
+        version: u32,
+        epoch: u32,
+    ) -> Result<Arc<FileKeys>, CryptoError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(self.closed_error());
         }
-        let shard = &self.shards[shard_of(file, version)];
-        if let Some(k) = lock(shard).get(&(*file, version)) {
+        let id = (*file, version, epoch);
+        let shard = &self.shards[shard_of(file, version, epoch)];
+        if let Some(k) = lock(shard).get(&id) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Arc::clone(k));
         }
@@ -115,14 +122,14 @@ impl KeyRing {
                 None => return Err(CryptoError::UnknownVersion(version)),
             }
         };
-        let keys = Arc::new(derive_file_keys(&universe, file));
+        let keys = Arc::new(derive_file_keys(&universe, file, epoch));
         self.stats.derivations.fetch_add(1, Ordering::Relaxed);
         let mut guard = lock(shard);
         if self.closed.load(Ordering::Acquire) {
             return Err(self.closed_error());
         }
-        if let Some((old_key, _)) = guard.push((*file, version), Arc::clone(&keys)) {
-            if old_key != (*file, version) {
+        if let Some((old_key, _)) = guard.push(id, Arc::clone(&keys)) {
+            if old_key != id {
                 self.stats.evictions.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -176,9 +183,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn shard_of(file: &FileId, version: u32) -> usize {
+fn shard_of(file: &FileId, version: u32, epoch: u32) -> usize {
     // File ids are uniformly random: their first bytes are a fine hash.
-    (usize::from(file[0]) ^ usize::from(file[1]).rotate_left(3) ^ version as usize) % SHARDS
+    (usize::from(file[0])
+        ^ usize::from(file[1]).rotate_left(3)
+        ^ version as usize
+        ^ (epoch as usize).rotate_left(2))
+        % SHARDS
 }
 
 #[cfg(test)]
@@ -195,13 +206,15 @@ mod tests {
     fn caches_and_counts() {
         let r = ring(64);
         let f = [5u8; 16];
-        let a = r.file_keys(&f, 1).unwrap();
-        let b = r.file_keys(&f, 1).unwrap();
+        let a = r.file_keys(&f, 1, 1).unwrap();
+        let b = r.file_keys(&f, 1, 1).unwrap();
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(r.stats().hits.load(Ordering::Relaxed), 1);
         assert_eq!(r.stats().misses.load(Ordering::Relaxed), 1);
+        let c = r.file_keys(&f, 1, 2).unwrap();
+        assert!(!Arc::ptr_eq(&a, &c), "one entry per epoch");
         assert!(matches!(
-            r.file_keys(&f, 2),
+            r.file_keys(&f, 2, 1),
             Err(CryptoError::UnknownVersion(2))
         ));
     }
@@ -210,7 +223,7 @@ mod tests {
     fn evicts_under_pressure() {
         let r = ring(16); // one entry per shard
         for i in 0..=255u8 {
-            r.file_keys(&[i; 16], 1).unwrap();
+            r.file_keys(&[i; 16], 1, 1).unwrap();
         }
         assert!(r.stats().evictions.load(Ordering::Relaxed) > 0);
     }
@@ -218,9 +231,9 @@ mod tests {
     #[test]
     fn wipe_fails_closed() {
         let r = ring(64);
-        r.file_keys(&[1; 16], 1).unwrap();
+        r.file_keys(&[1; 16], 1, 1).unwrap();
         r.wipe("CMK disabled");
-        let err = r.file_keys(&[1; 16], 1).unwrap_err();
+        let err = r.file_keys(&[1; 16], 1, 1).unwrap_err();
         assert!(err.to_string().contains("CMK disabled"), "{err}");
         assert!(r.snapshot().versions.is_empty());
         assert!(r.snapshot().failed_closed);

@@ -5,16 +5,17 @@
 //! Construction (normative text in `doc/FORMAT.md`):
 //!
 //! * A 256-bit *universe key* per key version, held only here, in memory.
-//! * Per backing file and key version, HKDF-SHA256 with `IKM` = universe key,
-//!   `salt` = the file's 16-byte random id, `info` = purpose label including the
-//!   format version, yields independent 256-bit keys for data, header MAC and
-//!   block MAC. The extract step runs once per (file, version) and the expanded
-//!   key schedules are cached in the [`KeyRing`]'s LRU.
-//! * Data blocks are AES-256-CTR with a 128-bit counter block made of a fresh
-//!   96-bit nonce from the OS CSPRNG followed by a 32-bit big-endian block
-//!   counter starting at 0 (a 4 KiB block uses counters 0..=255, so the counter
-//!   never wraps). A new nonce per block write means an overwrite never reuses
-//!   keystream.
+//! * Per backing file, key version and *epoch*, HKDF-SHA256 with `IKM` =
+//!   universe key, `salt` = the file's 16-byte random id, `info` = purpose
+//!   label including the format version (and `be32(epoch)` for the data and
+//!   block-MAC keys), yields independent 256-bit keys for data, header MAC
+//!   and block MAC. The expanded key schedules are cached in the
+//!   [`KeyRing`]'s LRU by (file, version, epoch).
+//! * Data blocks are AES-256-CTR with a 128-bit counter block made of a
+//!   96-bit nonce followed by a 32-bit big-endian block counter starting at 0
+//!   (a 4 KiB block uses counters 0..=255, so the counter never wraps). The
+//!   store builds each nonce from a per-epoch write counter and OS CSPRNG
+//!   bytes, so no two writes under one key share a nonce.
 
 mod cipher;
 mod kdf;

@@ -1,20 +1,25 @@
 //! The encrypted store: a data directory of backing files, one per export,
 //! each in the versioned format of [`format`] (see `doc/FORMAT.md`).
 //!
-//! The store owns file layout, block encryption, read-modify-write, block
-//! locks, holes and durability. It takes a [`KeyRing`] (or none, for the
-//! plaintext mode) and never talks to a key provider.
+//! The store owns file layout, block encryption, crash-atomic block updates,
+//! read-modify-write, block locks, holes, durability, the scrub after an
+//! unclean shutdown and the offline `check`. It takes a [`KeyRing`] (or none,
+//! for the plaintext mode) and never talks to a key provider.
 
+mod backing;
+pub mod check;
 pub mod export;
 pub mod format;
 mod locks;
+pub mod scrub;
+mod slots;
 pub mod spec;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use export::{Export, IoStats};
+pub use export::{Export, ExportCounters, ExportOptions, IoStats};
 pub use spec::{ExportName, ExportSpec, Exports, NameError, SizeError};
 
 use crate::crypto::{CryptoError, KeyRing};
@@ -199,11 +204,48 @@ impl Store {
         specs: &[ExportSpec],
         integrity: bool,
     ) -> Result<Store, StoreError> {
-        let mode = if integrity {
-            format::Integrity::Gmac
-        } else {
-            format::Integrity::Crc32c
+        let opts = ExportOptions {
+            integrity: if integrity {
+                format::Integrity::Gmac
+            } else {
+                format::Integrity::Check
+            },
+            ..ExportOptions::default()
         };
+        Self::open_opts(data_dir, dir_id, keys, specs, opts)
+    }
+
+    /// Like [`Store::open`] with every option. Exports that were not closed
+    /// cleanly get a background scrub.
+    pub fn open_opts(
+        data_dir: &Path,
+        dir_id: [u8; 16],
+        keys: Option<Arc<KeyRing>>,
+        specs: &[ExportSpec],
+        opts: ExportOptions,
+    ) -> Result<Store, StoreError> {
+        let s = Self::open_no_scrub(data_dir, dir_id, keys, specs, opts)?;
+        for e in s.exports.values() {
+            scrub::spawn(e);
+        }
+        Ok(s)
+    }
+
+    /// Opens without starting scrubs (tests drive [`scrub::run`] themselves).
+    pub(crate) fn open_no_scrub(
+        data_dir: &Path,
+        dir_id: [u8; 16],
+        keys: Option<Arc<KeyRing>>,
+        specs: &[ExportSpec],
+        opts: ExportOptions,
+    ) -> Result<Store, StoreError> {
+        if opts.epoch_writes == 0 || opts.epoch_writes > format::MAX_EPOCH_WRITES {
+            return Err(StoreError::Config(format!(
+                "epoch size {} is outside 1..=2^32",
+                opts.epoch_writes
+            )));
+        }
+        let mode = opts.integrity;
         let dir = exports_dir(data_dir);
         {
             use std::os::unix::fs::DirBuilderExt;
@@ -219,7 +261,7 @@ impl Store {
         let mut exports = BTreeMap::new();
         for name in existing_exports(data_dir)? {
             let path = dir.join(format!("{name}{SUFFIX}"));
-            let e = Export::open(&path, &name, dir_id, keys.clone())?;
+            let e = Export::open(&path, &name, dir_id, keys.clone(), opts)?;
             if e.header().integrity != mode {
                 tracing::warn!(export = %name, header = ?e.header().integrity, configured = ?mode,
                     "existing export keeps the per-block integrity mode it was created with");
@@ -245,8 +287,14 @@ impl Store {
                 None => {
                     let path = dir.join(format!("{}{SUFFIX}", spec.name));
                     tracing::info!(export = %spec.name, size = spec.size, "creating export");
-                    let name = spec.name.as_str();
-                    let e = Export::create(&path, name, spec.size, dir_id, keys.clone(), mode)?;
+                    let e = Export::create(
+                        &path,
+                        spec.name.as_str(),
+                        spec.size,
+                        dir_id,
+                        keys.clone(),
+                        opts,
+                    )?;
                     exports.insert(spec.name.to_string(), e);
                 }
             }
@@ -277,12 +325,31 @@ impl Store {
         self.exports.values()
     }
 
-    /// Durably flushes every export (shutdown).
+    /// Durably flushes every export.
     pub fn flush_all(&self) -> Result<(), StoreError> {
         for e in self.exports.values() {
             e.flush()?;
         }
         Ok(())
+    }
+
+    /// Clean shutdown: stops scrubs, flushes every export and marks it
+    /// closed cleanly (see [`Export::close`]).
+    pub fn close(&self) -> Result<(), StoreError> {
+        for e in self.exports.values() {
+            e.close()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Scrub threads hold weak references; tell them to stop now.
+        for e in self.exports.values() {
+            e.stop_scrub
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
     }
 }
 
@@ -297,8 +364,12 @@ pub struct ExportInfo {
     pub algorithm: String,
     /// Header key version.
     pub header_key_version: u32,
-    /// Per-block check: `crc32c` or `gmac`.
+    /// Per-block check: `xxh3` or `gmac`.
     pub integrity: String,
+    /// `clean` or `open` (running, or not closed cleanly).
+    pub state: String,
+    /// Highest key epoch reserved.
+    pub epoch: u32,
     /// Bytes allocated on disk.
     pub allocated_bytes: u64,
     /// Problem decoding the header, if any.
@@ -317,6 +388,8 @@ pub fn inspect(data_dir: &Path) -> Result<Vec<ExportInfo>, StoreError> {
             algorithm: String::new(),
             header_key_version: 0,
             integrity: String::new(),
+            state: String::new(),
+            epoch: 0,
             allocated_bytes: 0,
             error: None,
         };
@@ -335,13 +408,18 @@ pub fn inspect(data_dir: &Path) -> Result<Vec<ExportInfo>, StoreError> {
                         info.size = h.size;
                         info.algorithm = match h.algorithm {
                             format::Algorithm::None => "none".into(),
-                            format::Algorithm::Aes256CtrR96 => "aes-256-ctr-r96".into(),
+                            format::Algorithm::Aes256Ctr => "aes-256-ctr".into(),
                         };
                         info.header_key_version = h.header_key_version;
                         info.integrity = match h.integrity {
-                            format::Integrity::Crc32c => "crc32c".into(),
+                            format::Integrity::Check => "xxh3".into(),
                             format::Integrity::Gmac => "gmac".into(),
                         };
+                        info.state = match h.state {
+                            format::State::Clean => "clean".into(),
+                            format::State::Open => "open".into(),
+                        };
+                        info.epoch = h.epoch;
                     }
                     Err(e) => info.error = Some(e.to_string()),
                 }
@@ -352,5 +430,7 @@ pub fn inspect(data_dir: &Path) -> Result<Vec<ExportInfo>, StoreError> {
     Ok(out)
 }
 
+#[cfg(test)]
+mod crash_tests;
 #[cfg(test)]
 mod tests;

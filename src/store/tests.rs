@@ -75,8 +75,9 @@ fn ciphertext_hides_plaintext_and_never_repeats() {
     let raw2 = std::fs::read(e.path()).unwrap();
     let c2 = raw2[blk0..blk0 + BLOCK_SIZE].to_vec();
     assert_ne!(c1, c2, "same data written twice must give new ciphertext");
-    let ent = format::entry_offset(0) as usize;
-    assert_ne!(raw1[ent..ent + 12], raw2[ent..ent + 12], "fresh nonce");
+    // The second write went to the other slot, with a fresh nonce.
+    let ent = format::pair_offset(0) as usize;
+    assert_ne!(raw2[ent..ent + 12], raw2[ent + 64..ent + 76], "fresh nonce");
 }
 
 #[test]
@@ -142,21 +143,31 @@ fn one_damaged_header_slot_is_repaired_both_damaged_is_an_error() {
 }
 
 #[test]
-fn torn_block_is_detected_not_returned() {
+fn damaged_block_reads_as_zeros_and_is_counted_never_eio() {
+    use std::sync::atomic::Ordering;
     let d = tempfile::tempdir().unwrap();
     let s = open(d.path(), Some(ring_with([7; 32])), 1 << 20);
     let e = s.get("t").unwrap();
+    // Block 1 written twice (both slots used), block 2 once.
     e.write(0, &mut vec![1u8; 8192], true).unwrap();
+    e.write(4096, &mut vec![3u8; 8192], true).unwrap();
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(e.path())
         .unwrap();
-    f.write_all_at(&[0u8; 100], format::data_offset(1) + 2000)
-        .unwrap();
+    for b in [1, 2] {
+        f.write_all_at(&[0u8; 100], format::data_offset(b) + 2000)
+            .unwrap();
+    }
     let mut out = vec![0u8; 4096];
     e.read(0, &mut out).unwrap();
-    let err = e.read(4096, &mut out).unwrap_err();
-    assert!(matches!(err, StoreError::Corrupt { block: 1, .. }), "{err}");
+    assert_eq!(out, vec![1u8; 4096]);
+    for b in [1, 2] {
+        out.fill(9);
+        e.read(b * 4096, &mut out).unwrap();
+        assert_eq!(out, vec![0u8; 4096], "block {b}");
+    }
+    assert_eq!(e.counters().unrecoverable_blocks.load(Ordering::Relaxed), 2);
     // Rewriting the whole block repairs it.
     e.write(4096, &mut vec![2u8; 4096], false).unwrap();
     e.read(4096, &mut out).unwrap();
@@ -254,22 +265,26 @@ fn open_gmac(dir: &Path, key: [u8; 32], names: &[&str]) -> Store {
     Store::open_with(dir, DIR_ID, Some(ring_with(key)), &specs, true).unwrap()
 }
 
-/// Rewrites an entry's CRC so that only the authentication tag can notice a
-/// change (what an attacker who knows the format would do).
-fn fix_crc(path: &Path, block: u64) {
+/// Recomputes slot 0's check of `block` so that only the authentication tag
+/// can notice a change (what an attacker who knows the format would do).
+fn fix_check(path: &Path, block: u64) {
+    use xxhash_rust::xxh3::Xxh3Default;
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .unwrap();
-    let mut ent = [0u8; 64];
-    f.read_exact_at(&mut ent, format::entry_offset(block))
+    let mut slot = [0u8; 64];
+    f.read_exact_at(&mut slot, format::pair_offset(block))
         .unwrap();
     let mut data = vec![0u8; BLOCK_SIZE];
     f.read_exact_at(&mut data, format::data_offset(block))
         .unwrap();
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&ent[..20]), &data);
-    f.write_all_at(&crc.to_le_bytes(), format::entry_offset(block) + 20)
+    let mut h = Xxh3Default::new();
+    h.update(&slot[..32]);
+    h.update(&block.to_le_bytes());
+    h.update(&data);
+    f.write_all_at(&h.digest().to_le_bytes(), format::pair_offset(block) + 32)
         .unwrap();
 }
 
@@ -311,17 +326,18 @@ fn integrity_round_trip_and_header_mode() {
 
 #[test]
 fn integrity_detects_every_tampered_byte_class() {
-    // (what, byte offset relative to block 3's entry or data, fix the CRC?)
+    // (what, in block 3's slot 0 (else its data), byte offset). The check
+    // is recomputed after each change except the check's own.
     let cases: &[(&str, bool, u64)] = &[
         ("nonce", true, 0),
         ("nonce", true, 11),
         ("key version", true, 12),
-        ("flags", true, 16),
-        ("crc", true, 21),
-        ("reserved", true, 26),
-        ("tag", true, 32),
-        ("tag", true, 47),
-        ("tag padding", true, 50),
+        ("epoch", true, 16),
+        ("reserved", true, 27),
+        ("check", true, 33),
+        ("tag", true, 40),
+        ("tag", true, 55),
+        ("reserved tail", true, 60),
         ("ciphertext first byte", false, 0),
         ("ciphertext middle", false, 2048),
         ("ciphertext last byte", false, 4095),
@@ -333,13 +349,13 @@ fn integrity_detects_every_tampered_byte_class() {
         e.write(0, &mut vec![0x42u8; 8 * BLOCK_SIZE], true).unwrap();
         let path = e.path().to_path_buf();
         let at = if *in_entry {
-            format::entry_offset(3) + off
+            format::pair_offset(3) + off
         } else {
             format::data_offset(3) + off
         };
         patch(&path, at, |b| b[0] ^= 0x01);
-        if *what != "crc" {
-            fix_crc(&path, 3);
+        if *what != "check" {
+            fix_check(&path, 3);
         }
         let mut out = vec![0u8; BLOCK_SIZE];
         let err = e.read(3 * 4096, &mut out).expect_err(what);
@@ -363,13 +379,13 @@ fn integrity_detects_swapped_and_transplanted_blocks() {
     b.write(0, &mut vec![3u8; 4096], true).unwrap();
     let read_rec = |p: &Path, blk: u64| {
         let raw = std::fs::read(p).unwrap();
-        let e = format::entry_offset(blk) as usize;
+        let e = format::pair_offset(blk) as usize;
         let dta = format::data_offset(blk) as usize;
-        (raw[e..e + 64].to_vec(), raw[dta..dta + 4096].to_vec())
+        (raw[e..e + 128].to_vec(), raw[dta..dta + 4096].to_vec())
     };
     let write_rec = |p: &Path, blk: u64, rec: &(Vec<u8>, Vec<u8>)| {
         let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
-        f.write_all_at(&rec.0, format::entry_offset(blk)).unwrap();
+        f.write_all_at(&rec.0, format::pair_offset(blk)).unwrap();
         f.write_all_at(&rec.1, format::data_offset(blk)).unwrap();
     };
     // Swap blocks 0 and 1 of export a (entries and data move together).
@@ -442,4 +458,222 @@ fn cached_reads_never_block_and_agree_with_blocking_reads() {
     }
     e.read(8192, &mut out).unwrap();
     assert_eq!(out, vec![0x77u8; 8192]);
+}
+
+// ---- format v2: header robustness, epochs, clean state, check ---------------
+
+#[test]
+fn v1_file_is_refused_with_one_clear_line() {
+    let d = tempfile::tempdir().unwrap();
+    let path = {
+        let s = open(d.path(), Some(ring_with([30; 32])), 1 << 20);
+        s.get("t").unwrap().path().to_path_buf()
+    };
+    for at in [8, 4096 + 8] {
+        patch(&path, at, |b| b[0] = 1);
+    }
+    let err = Store::open(d.path(), DIR_ID, Some(ring_with([30; 32])), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("format v1") && err.contains("recreate the data directory"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn header_slot_naming_an_unknown_key_version_is_discarded() {
+    let d = tempfile::tempdir().unwrap();
+    let path = {
+        let s = open(d.path(), Some(ring_with([31; 32])), 1 << 20);
+        s.get("t").unwrap().path().to_path_buf()
+    };
+    // Slot A names key version 9, which is not loaded.
+    patch(&path, 28, |b| b[0] = 9);
+    let s = Store::open(d.path(), DIR_ID, Some(ring_with([31; 32])), &[]).unwrap();
+    assert_eq!(s.get("t").unwrap().size(), 1 << 20);
+    drop(s);
+    // Both slots were rewritten: slot B can now be damaged too.
+    patch(&path, 4096 + 28, |b| b[0] = 9);
+    Store::open(d.path(), DIR_ID, Some(ring_with([31; 32])), &[]).unwrap();
+}
+
+fn open_small_epochs(dir: &Path, key: [u8; 32], integrity: format::Integrity) -> Store {
+    Store::open_opts(
+        dir,
+        DIR_ID,
+        Some(ring_with(key)),
+        &[spec("t", 1 << 20)],
+        ExportOptions {
+            integrity,
+            epoch_writes: 8,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn epochs_advance_and_decrypt_across_restarts() {
+    use std::sync::atomic::Ordering;
+    for integrity in [format::Integrity::Check, format::Integrity::Gmac] {
+        let d = tempfile::tempdir().unwrap();
+        let mut want = vec![0u8; 1 << 20];
+        let mut epochs = vec![];
+        for round in 0..3u8 {
+            let s = open_small_epochs(d.path(), [32; 32], integrity);
+            let e = s.get("t").unwrap();
+            let e0 = e.counters().epoch.load(Ordering::Relaxed);
+            for i in 0..20u64 {
+                let off = ((i * 7 + round as u64 * 3) % 200) * 4096;
+                let mut buf = vec![round * 50 + i as u8; 4096 * 3];
+                want[off as usize..off as usize + buf.len()].copy_from_slice(&buf);
+                e.write(off, &mut buf, false).unwrap();
+            }
+            let e1 = e.counters().epoch.load(Ordering::Relaxed);
+            // 60 block writes at 8 per epoch.
+            assert!(e1 >= e0 + 7, "{integrity:?}: epoch {e0} -> {e1}");
+            epochs.push((e0, e1));
+            let mut out = vec![0u8; 1 << 20];
+            e.read(0, &mut out).unwrap();
+            assert_eq!(out, want);
+            if round == 1 {
+                drop(s); // crash: no clean close
+            } else {
+                s.close().unwrap();
+            }
+        }
+        // Every run started past every epoch the previous one used.
+        for w in epochs.windows(2) {
+            assert!(w[1].0 > w[0].1, "{epochs:?}");
+        }
+        let s = Store::open(d.path(), DIR_ID, Some(ring_with([32; 32])), &[]).unwrap();
+        let mut out = vec![0u8; 1 << 20];
+        s.get("t").unwrap().read(0, &mut out).unwrap();
+        assert_eq!(out, want);
+        // Nonces never repeat under one (version, epoch) key.
+        let raw = std::fs::read(s.get("t").unwrap().path()).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for b in 0..256u64 {
+            let p = format::pair_offset(b) as usize;
+            for slot in [&raw[p..p + 64], &raw[p + 64..p + 128]] {
+                if let Ok(Some(sl)) = format::Slot::decode(slot) {
+                    if sl.kind == format::Kind::Data {
+                        assert!(seen.insert((
+                            sl.epoch,
+                            u32::from_le_bytes(sl.nonce[..4].try_into().unwrap())
+                        )));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn clean_close_marks_the_file_clean_and_a_crash_triggers_a_scrub() {
+    let d = tempfile::tempdir().unwrap();
+    let state = |d: &Path| inspect(d).unwrap()[0].state.clone();
+    {
+        let s = open(d.path(), Some(ring_with([33; 32])), 1 << 20);
+        assert_eq!(state(d.path()), "open");
+        s.get("t")
+            .unwrap()
+            .write(0, &mut vec![1u8; 8192], false)
+            .unwrap();
+        s.close().unwrap();
+    }
+    assert_eq!(state(d.path()), "clean");
+    {
+        let s = open(d.path(), Some(ring_with([33; 32])), 1 << 20);
+        assert!(!s.get("t").unwrap().scrubbing());
+        s.get("t")
+            .unwrap()
+            .write(0, &mut vec![2u8; 8192], false)
+            .unwrap();
+        // dropped without close: a crash
+    }
+    assert_eq!(state(d.path()), "open");
+    let s = open(d.path(), Some(ring_with([33; 32])), 1 << 20);
+    let e = s.get("t").unwrap();
+    let t = std::time::Instant::now();
+    while e.scrubbing() {
+        assert!(t.elapsed().as_secs() < 20, "scrub did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut out = vec![0u8; 8192];
+    e.read(0, &mut out).unwrap();
+    assert_eq!(out, vec![2u8; 8192]);
+    s.close().unwrap();
+    assert_eq!(state(d.path()), "clean");
+}
+
+#[test]
+fn check_finds_a_flipped_byte_and_repair_fixes_and_records_it() {
+    let d = tempfile::tempdir().unwrap();
+    let keys = ring_with([34; 32]);
+    let path = {
+        let s = Store::open(
+            d.path(),
+            DIR_ID,
+            Some(Arc::clone(&keys)),
+            &[spec("t", 1 << 20)],
+        )
+        .unwrap();
+        let e = s.get("t").unwrap();
+        e.write(0, &mut vec![1u8; 16384], false).unwrap();
+        e.write(4096, &mut vec![2u8; 4096], false).unwrap();
+        s.close().unwrap();
+        e.path().to_path_buf()
+    };
+    let run = |repair: bool| {
+        let mut log = check::RepairLog::new(d.path());
+        check::check_export(
+            d.path(),
+            "t",
+            DIR_ID,
+            Some(Arc::clone(&keys)),
+            repair,
+            &mut log,
+            &mut |_, _| {},
+        )
+    };
+    let r = run(false);
+    assert!(!r.damaged(), "{}", r.summary());
+    assert_eq!((r.ok, r.holes), (4, 252), "{}", r.summary());
+    // Block 1 (both slots used): a flipped data byte matches neither slot.
+    // Block 2 (written once) in a cleanly closed file: a damaged slot.
+    patch(&path, format::data_offset(1) + 77, |b| b[0] ^= 0x10);
+    patch(&path, format::pair_offset(2) + 3, |b| b[0] ^= 0x10);
+    let r = run(false);
+    assert!(r.damaged(), "{}", r.summary());
+    assert_eq!(r.cant_tell_blocks, vec![1], "{}", r.summary());
+    assert_eq!(r.damaged_slot_blocks, vec![2], "{}", r.summary());
+    assert!(
+        !d.path().join(check::REPAIR_LOG).exists(),
+        "check alone writes nothing"
+    );
+    let r = run(true);
+    assert_eq!(
+        (r.repaired.zeroed, r.repaired.demoted),
+        (1, 1),
+        "{}",
+        r.summary()
+    );
+    assert!(!r.damaged(), "{}", r.summary());
+    let log = std::fs::read_to_string(d.path().join(check::REPAIR_LOG)).unwrap();
+    assert_eq!(log.lines().count(), 2, "{log}");
+    for l in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["export"], "t");
+    }
+    let r = run(false);
+    assert!(!r.damaged(), "{}", r.summary());
+    // The repaired blocks read as zeros (what they already read as).
+    let s = Store::open(d.path(), DIR_ID, Some(keys), &[]).unwrap();
+    let mut out = vec![9u8; 4096 * 4];
+    s.get("t").unwrap().read(0, &mut out).unwrap();
+    assert!(out[..4096].iter().all(|&x| x == 1));
+    assert!(out[4096..3 * 4096].iter().all(|&x| x == 0));
+    assert!(out[3 * 4096..].iter().all(|&x| x == 1));
 }

@@ -1,19 +1,22 @@
 #!/usr/bin/env python3
-"""Independent decryptor for ear-sidecar backing files (format version 1).
+"""Independent decryptor for ear-sidecar backing files (format version 2).
 
-Written only from doc/FORMAT.md, with Python's `cryptography` package, to prove
-that the document is precise enough to decrypt a data directory without the
-Rust code. It reads `keys.json` and the local KEK, unwraps every universe key
-(AES-256-GCM with the documented AAD), derives the per-file keys with
-HKDF-SHA256, verifies the header MAC of both header slots, checks every block
-entry (CRC32C) and decrypts the data blocks with AES-256-CTR.
+Written only from doc/FORMAT.md, with Python's `cryptography` and `xxhash`
+packages, to prove that the document is precise enough to decrypt a data
+directory without the Rust code. It reads `keys.json` and the local KEK,
+unwraps every universe key (AES-256-GCM with the documented AAD), derives the
+per-file, per-epoch keys with HKDF-SHA256, verifies the header MAC of both
+header slots, applies the read rule to every block's slot pair (XXH3-64
+checks, generations, zero slots; AES-256-GMAC tags in integrity mode) and
+decrypts the data blocks with AES-256-CTR.
 
 Usage:
     decrypt_ear.py --data-dir D --export NAME [--kek-file F] [--output PATH]
 
 The plaintext image of the export (exactly `size` bytes) goes to PATH, or to
 stdout when no --output is given. Any inconsistency is an error (exit 1) with
-a message on stderr: a decryptor that guesses would prove nothing.
+a message on stderr: a decryptor that guesses would prove nothing. A summary
+of what was seen (epochs, slots) goes to stderr as one JSON line.
 """
 
 import argparse
@@ -30,53 +33,31 @@ try:
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    import xxhash
 except ImportError as e:  # pragma: no cover - reported by the Rust test
-    sys.stderr.write("decrypt_ear.py: the Python 'cryptography' package is required: %s\n" % e)
+    sys.stderr.write("decrypt_ear.py: the Python 'cryptography' and 'xxhash' packages are "
+                     "required: %s\n" % e)
     sys.exit(3)
 
 # doc/FORMAT.md, "Backing file layout", "Header slot", "Group", "Entry".
 MAGIC = b"EARSCAR\x01"
 HEADER_SLOT = 4096
-HEADER_BODY = 160
+HEADER_BODY = 192
 DATA_START = 8192
 BLOCK_SIZE = 4096
 GROUP_BLOCKS = 256
-ENTRY_SIZE = 64
-GROUP_META = GROUP_BLOCKS * ENTRY_SIZE
-GROUP_BYTES = GROUP_META + GROUP_BLOCKS * BLOCK_SIZE  # 1,064,960
+SLOT_SIZE = 64
+PAIR_SIZE = 128
+GROUP_META = GROUP_BLOCKS * PAIR_SIZE
+GROUP_BYTES = GROUP_META + GROUP_BLOCKS * BLOCK_SIZE  # 1,081,344
 WRAP_AAD_DOMAIN = b"ear-sidecar/v1 local-wrap context"
-INFO_DATA = b"ear-sidecar/v1 data-key"
-INFO_HEADER = b"ear-sidecar/v1 header-mac-key"
+INFO_DATA = b"ear-sidecar/v2 data-key"
+INFO_HEADER = b"ear-sidecar/v2 header-mac-key"
+INFO_BLOCK_MAC = b"ear-sidecar/v2 block-mac-key"
 
 
 class FormatError(Exception):
     """The data directory does not follow doc/FORMAT.md."""
-
-
-# ---------------------------------------------------------------- CRC32C
-
-
-def _crc32c_table():
-    poly = 0x82F63B78  # Castagnoli, reflected
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ poly if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data, crc=0):
-    """CRC-32C (Castagnoli), standard init/final XOR; `crc` continues a previous value."""
-    c = crc ^ 0xFFFFFFFF
-    t = _CRC_TABLE
-    for b in data:
-        c = t[(c ^ b) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
 
 
 # ---------------------------------------------------------------- keys
@@ -135,17 +116,18 @@ def parse_header(slot, dir_id, universe_keys, encrypted):
     body, mac = slot[:HEADER_BODY], slot[HEADER_BODY:HEADER_BODY + 32]
     if body[0:8] != MAGIC:
         raise FormatError("bad magic")
-    (version, body_len, algorithm, check, block_size, group_blocks, entry_size, flags,
+    (version, body_len, algorithm, integrity, block_size, group_blocks, pair_size, flags,
      key_version) = struct.unpack_from("<HHHHIIHHI", body, 8)
-    if version != 1:
+    if version != 2:
         raise FormatError("unknown format version %d" % version)
     if body_len != HEADER_BODY:
         raise FormatError("MAC-covered body length %d" % body_len)
-    if (check, block_size, group_blocks, entry_size, flags) != (0, BLOCK_SIZE, GROUP_BLOCKS,
-                                                                 ENTRY_SIZE, 0):
+    if (block_size, group_blocks, pair_size, flags) != (BLOCK_SIZE, GROUP_BLOCKS, PAIR_SIZE, 0):
         raise FormatError("unexpected geometry/flags")
+    if integrity not in (0, 1) or (integrity == 1 and not encrypted):
+        raise FormatError("integrity %d" % integrity)
     if any(slot[HEADER_BODY + 32:]):
-        raise FormatError("bytes 192..4096 of the header are not zero")
+        raise FormatError("bytes 224..4096 of the header are not zero")
     file_id = body[32:48]
     size, sequence = struct.unpack_from("<QQ", body, 48)
     hdr_dir_id = body[64:80]
@@ -153,8 +135,15 @@ def parse_header(slot, dir_id, universe_keys, encrypted):
     if not 1 <= name_len <= 64:
         raise FormatError("name length %d" % name_len)
     name = body[82:82 + name_len].decode("ascii")
-    if any(body[82 + name_len:HEADER_BODY]):
+    if any(body[82 + name_len:146]):
         raise FormatError("bytes after the name are not zero")
+    check_alg, state = struct.unpack_from("<HH", body, 146)
+    (epoch,) = struct.unpack_from("<I", body, 152)
+    (epoch_writes,) = struct.unpack_from("<Q", body, 160)
+    if check_alg != 1 or state not in (0, 1) or not 1 <= epoch_writes <= 1 << 32:
+        raise FormatError("check algorithm / state / epoch size")
+    if any(body[150:152]) or any(body[156:160]) or any(body[168:192]):
+        raise FormatError("reserved header bytes set")
     if encrypted:
         if algorithm != 1:
             raise FormatError("algorithm %d in an encrypted directory" % algorithm)
@@ -171,7 +160,41 @@ def parse_header(slot, dir_id, universe_keys, encrypted):
     if hdr_dir_id != dir_id:
         raise FormatError("header belongs to another data directory")
     return {"file_id": file_id, "size": size, "sequence": sequence, "name": name,
-            "algorithm": algorithm, "key_version": key_version}
+            "algorithm": algorithm, "key_version": key_version, "integrity": integrity,
+            "state": state, "epoch": epoch, "epoch_writes": epoch_writes}
+
+
+# ---------------------------------------------------------------- slots
+
+
+def parse_slot(raw):
+    """None for an empty slot, a dict for a decodable one, "bad" otherwise."""
+    if not any(raw):
+        return None
+    nonce = raw[0:12]
+    key_version, epoch, generation, kind = struct.unpack_from("<IIIH", raw, 12)
+    if kind not in (1, 2) or any(raw[26:32]) or any(raw[56:64]):
+        return "bad"
+    (check,) = struct.unpack_from("<Q", raw, 32)
+    return {"head": raw[0:32], "nonce": nonce, "key_version": key_version, "epoch": epoch,
+            "generation": generation, "kind": kind, "check": check, "tag": raw[40:56]}
+
+
+def newer(a, b):
+    """Serial-number comparison of 32-bit generations."""
+    d = (a - b) & 0xFFFFFFFF
+    return d != 0 and d < 0x80000000
+
+
+def slot_valid(s, block, stored, tag_ok):
+    h = xxhash.xxh3_64()
+    h.update(s["head"])
+    h.update(struct.pack("<Q", block))
+    if s["kind"] == 1:
+        h.update(stored)
+    if h.intdigest() != s["check"]:
+        return False
+    return s["kind"] == 2 or tag_ok(s)
 
 
 # ---------------------------------------------------------------- data
@@ -218,7 +241,21 @@ def decrypt_export(data_dir, export, kek_file, out):
         if actual_len != expected_len:
             raise FormatError("file length %d, FORMAT.md says %d" % (actual_len, expected_len))
 
-        data_keys = {}
+        keys = {}
+
+        def block_keys(version, epoch):
+            """(data key, block-MAC key) of (version, epoch)."""
+            if version not in universe_keys:
+                raise FormatError("unknown key version %d" % version)
+            if (version, epoch) not in keys:
+                e = struct.pack(">I", epoch)
+                u = universe_keys[version]
+                keys[(version, epoch)] = (derive(u, h["file_id"], INFO_DATA + e),
+                                          derive(u, h["file_id"], INFO_BLOCK_MAC + e))
+            return keys[(version, epoch)]
+
+        seen = {"epochs": set(), "newest_in_slot": [0, 0], "zero_slots": 0,
+                "older_slot_used": 0, "torn_first": 0, "tags_verified": 0}
         remaining = size
         zero = bytes(BLOCK_SIZE)
         for g in range((blocks + GROUP_BLOCKS - 1) // GROUP_BLOCKS):
@@ -229,37 +266,61 @@ def decrypt_export(data_dir, export, kek_file, out):
                 b = g * GROUP_BLOCKS + i
                 if b >= blocks:
                     break
-                entry = table[i * ENTRY_SIZE:(i + 1) * ENTRY_SIZE]
-                if not any(entry):
+                pair = table[i * PAIR_SIZE:(i + 1) * PAIR_SIZE]
+                slots = [parse_slot(pair[0:SLOT_SIZE]), parse_slot(pair[SLOT_SIZE:PAIR_SIZE])]
+                used = [(j, s) for j, s in enumerate(slots) if isinstance(s, dict)]
+                if not any(pair):
                     plain = zero
                 else:
-                    nonce = entry[0:12]
-                    key_version, flags, crc = struct.unpack_from("<III", entry, 12)
-                    if flags != 1:
-                        raise FormatError("block %d: entry flags %d" % (b, flags))
-                    if any(entry[24:]):
-                        raise FormatError("block %d: reserved entry bytes set" % b)
                     f.seek(group_at + GROUP_META + i * BLOCK_SIZE)
                     stored = f.read(BLOCK_SIZE)
-                    if crc32c(stored, crc32c(entry[0:20])) != crc:
-                        raise FormatError("block %d: CRC32C mismatch (torn block)" % b)
-                    if encrypted:
-                        if key_version not in universe_keys:
-                            raise FormatError("block %d: unknown key version %d"
-                                              % (b, key_version))
-                        if key_version not in data_keys:
-                            data_keys[key_version] = derive(universe_keys[key_version],
-                                                            h["file_id"], INFO_DATA)
-                        dec = Cipher(algorithms.AES(data_keys[key_version]),
-                                     modes.CTR(nonce + b"\x00\x00\x00\x00")).decryptor()
-                        plain = dec.update(stored) + dec.finalize()
+                    if len(used) == 2 and newer(used[1][1]["generation"],
+                                                used[0][1]["generation"]):
+                        used.reverse()
+
+                    def tag_ok(s, stored=stored, b=b):
+                        if h["integrity"] != 1:
+                            return not any(s["tag"])
+                        _, mac_key = block_keys(s["key_version"], s["epoch"])
+                        aad = (h["file_id"] + struct.pack(">QII", b, s["key_version"], s["epoch"])
+                               + stored)
+                        seen["tags_verified"] += 1
+                        return AESGCM(mac_key).encrypt(s["nonce"], b"", aad) == s["tag"]
+
+                    chosen = None
+                    for rank, (j, s) in enumerate(used):
+                        if slot_valid(s, b, stored, tag_ok):
+                            chosen = (rank, j, s)
+                            break
+                    if chosen is None:
+                        if None in slots:
+                            # A first write that did not land: zeros.
+                            seen["torn_first"] += 1
+                            plain = zero
+                        else:
+                            raise FormatError("block %d matches neither slot" % b)
                     else:
-                        if any(nonce) or key_version != 0:
-                            raise FormatError("block %d: nonce/key version in plaintext" % b)
-                        plain = stored
+                        rank, j, s = chosen
+                        seen["older_slot_used"] += rank
+                        seen["newest_in_slot"][j] += 1 - rank
+                        if s["kind"] == 2:
+                            seen["zero_slots"] += 1
+                            plain = zero
+                        elif encrypted:
+                            seen["epochs"].add(s["epoch"])
+                            data_key, _ = block_keys(s["key_version"], s["epoch"])
+                            dec = Cipher(algorithms.AES(data_key),
+                                         modes.CTR(s["nonce"] + b"\x00\x00\x00\x00")).decryptor()
+                            plain = dec.update(stored) + dec.finalize()
+                        else:
+                            if any(s["nonce"]) or s["key_version"] or s["epoch"]:
+                                raise FormatError("block %d: nonce/key in plaintext" % b)
+                            plain = stored
                 n = min(BLOCK_SIZE, remaining)
                 out.write(plain[:n])
                 remaining -= n
+        seen["epochs"] = sorted(seen["epochs"])
+        h["seen"] = seen
         if remaining != 0:
             raise FormatError("internal: %d bytes not produced" % remaining)
     return h
@@ -285,6 +346,7 @@ def main():
         return 1
     sys.stderr.write("decrypt_ear.py: export %s: %d bytes, sequence %d\n"
                      % (h["name"], h["size"], h["sequence"]))
+    sys.stderr.write("SEEN " + json.dumps(h["seen"]) + "\n")
     return 0
 
 
