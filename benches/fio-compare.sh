@@ -122,7 +122,7 @@ start_sidecar() { # name binary extra-args...
         maddr="127.0.0.1:$METRICS_PORT"
         METRICS_PORT=$((METRICS_PORT + 1))
     fi
-    "$bin" serve --data-dir "$d/data" --socket "$d/sock" --export "$EXPORT=$SIZE" \
+    XDG_CONFIG_HOME="$d/config" "$bin" serve --data-dir "$d/data" --socket "$d/sock" --export "$EXPORT=$SIZE" \
         --metrics-addr "$maddr" "$@" >"$d/log" 2>&1 &
     add_target "$name" $! "$d/sock" "$EXPORT"
     [[ -n "$maddr" ]] && MADDR[$name]=$maddr

@@ -863,7 +863,9 @@ pub async fn start_sidecar(
     for n in &names {
         cmd.arg("--export").arg(format!("{n}={export_size}"));
     }
+    // The local provider's KEK goes beside the throwaway data directory.
     cmd.args(&opts.sidecar_arg)
+        .env("XDG_CONFIG_HOME", dir.path().join("config"))
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);

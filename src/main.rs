@@ -27,8 +27,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("ear-sidecar: error: {e:#}");
+            eprintln!("ear-sidecar: error: {}", app::one_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -71,6 +71,8 @@ fn decrypt(s: &Sidecar, export: &str) -> (Vec<u8>, serde_json::Value) {
         .arg(decryptor())
         .arg("--data-dir")
         .arg(s.data_dir())
+        .arg("--kek-file")
+        .arg(s.kek_file())
         .args(["--export", export])
         .arg("--output")
         .arg(&out_file));

@@ -131,6 +131,7 @@ fn sidecar(extra: &[&str]) -> Sidecar {
         .arg(metrics.to_string())
         .args(["--export", "default=16M"])
         .args(extra)
+        .env("XDG_CONFIG_HOME", dir.path().join("config"))
         .env_remove("RUST_LOG");
     for (k, _) in std::env::vars() {
         if k.starts_with("EAR_") {

@@ -556,7 +556,7 @@ fn garbage_clients_do_not_hurt_a_concurrent_good_client() {
 fn wrong_kek_fails_startup_with_clear_message() {
     let mut s = Sidecar::start(&["--export", "default=1M"]);
     s.stop();
-    let kek = s.data_dir().join("local.kek");
+    let kek = s.kek_file();
     assert_eq!(std::fs::read(&kek).expect("read local.kek").len(), 32);
     std::fs::remove_file(&kek).expect("remove kek");
     let mut f = std::fs::OpenOptions::new()
@@ -664,7 +664,7 @@ fn status_json_lists_exports_and_no_key_material() {
     );
     assert_eq!(v["encryption"].as_str(), Some("on"));
 
-    let kek = std::fs::read(data.join("local.kek")).expect("read kek");
+    let kek = std::fs::read(s.kek_file()).expect("read kek");
     let text = s.run_cli(&["status", "--data-dir", data.to_str().expect("utf-8 path")]);
     assert!(text.status.success(), "{}", text.both());
     let forms = [

@@ -192,7 +192,7 @@ fn no_key_material_in_files_logs_or_cli_output() {
     );
 
     // Recompute the keys with the library.
-    let kek_path = sc.data_dir.join("local.kek");
+    let kek_path = sc.root.join("config/ear-sidecar/local.kek");
     let kek: [u8; 32] = std::fs::read(&kek_path).unwrap().try_into().unwrap();
     let provider = LocalProvider::open_or_create(&kek_path, false).unwrap();
     let reg = Registry::load(&sc.data_dir).unwrap().expect("registry");

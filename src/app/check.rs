@@ -41,7 +41,8 @@ async fn unwrap_keys(args: &CheckArgs, reg: &Registry) -> Result<Option<Arc<KeyR
             let kek = args
                 .local_kek_file
                 .clone()
-                .unwrap_or_else(|| args.data_dir.join("local.kek"));
+                .or_else(|| crate::config::default_local_kek_file(&|k| std::env::var_os(k)))
+                .ok_or_else(|| anyhow!("no local KEK: pass --local-kek-file PATH"))?;
             Arc::new(
                 LocalProvider::open_or_create(&kek, false)
                     .with_context(|| format!("local key-encryption key {}", kek.display()))?,

@@ -99,6 +99,7 @@ impl App {
     pub async fn start(cfg: ServeConfig) -> Result<App> {
         tracing::info!(version = env!("CARGO_PKG_VERSION"), data_dir = %cfg.data_dir.display(),
             socket = %cfg.socket.display(), encryption = ?cfg.encryption, "starting ear-sidecar");
+        preflight_paths(&cfg)?;
         create_data_dir(&cfg.data_dir)?;
         let dir_lock = lock_data_dir(&cfg.data_dir)?;
         // Core dumps off before any key material exists.
@@ -118,12 +119,16 @@ impl App {
         };
 
         let existing = Registry::load(&cfg.data_dir)?;
-        if let Some(r) = &existing {
-            // The encryption mode is checked before any provider is opened, so a
-            // plaintext directory started with encryption on says exactly that.
-            if r.encryption_on() != encryption_on {
-                r.check_compatible(encryption_on, None)?;
+        match &existing {
+            // The encryption mode and the provider are checked before any
+            // provider is opened, so a mismatch says exactly that.
+            Some(r) => {
+                if r.encryption_on() != encryption_on {
+                    r.check_compatible(encryption_on, None)?;
+                }
+                check_provider_kind(&cfg, r)?;
             }
+            None => refuse_orphan_exports(&cfg.data_dir)?,
         }
         // With a file-size limit (RLIMIT_FSIZE) a write past it raises SIGXFSZ,
         // whose default action kills the process. Handling the signal turns it
@@ -252,11 +257,27 @@ async fn open_provider(
     match &cfg.kms {
         None => Ok((None, None)),
         Some(KmsConfig::Local { kek_file }) => {
+            if new_dir && !kek_file.exists() {
+                if let Some(dir) = kek_file.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    use std::os::unix::fs::DirBuilderExt;
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(dir)
+                        .with_context(|| format!("create the KEK's directory {}", dir.display()))?;
+                }
+            }
             let p = LocalProvider::open_or_create(kek_file, new_dir)
                 .with_context(|| format!("local key-encryption key {}", kek_file.display()))?;
-            tracing::warn!(kek_file = %kek_file.display(),
-                "using the local key provider: a KEK stored beside the data protects nothing \
-                 in production; use --kms aws with a customer-managed key");
+            if crate::config::path_is_within(kek_file, &cfg.data_dir) {
+                tracing::warn!(kek_file = %kek_file.display(),
+                    "the local KEK is stored inside the data directory: a copy of the volume \
+                     carries its own key, so this protects nothing");
+            } else {
+                tracing::info!(kek_file = %kek_file.display(),
+                    "using the local key provider (trials): keep the KEK off the data volume, \
+                     and use --kms aws with a customer-managed key in production");
+            }
             Ok((Some(Arc::new(p)), None))
         }
         Some(KmsConfig::Aws {
@@ -389,6 +410,72 @@ pub(crate) fn lock_data_dir(dir: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// Checks every path the server will create or use before anything is
+/// created, so a typo fails with one line and leaves nothing behind.
+fn preflight_paths(cfg: &ServeConfig) -> Result<()> {
+    let dir = &cfg.data_dir;
+    if dir.exists() && !dir.is_dir() {
+        bail!(
+            "--data-dir {} is not a directory (it is a file); point --data-dir at a directory",
+            dir.display()
+        );
+    }
+    let parent_of = |p: &Path| match p.parent() {
+        Some(d) if d.as_os_str().is_empty() => Path::new(".").to_path_buf(),
+        Some(d) => d.to_path_buf(),
+        None => Path::new("/").to_path_buf(),
+    };
+    let sock_dir = parent_of(&cfg.socket);
+    if !sock_dir.is_dir() {
+        bail!(
+            "--socket {}: directory {} does not exist; create it or choose another socket path",
+            cfg.socket.display(),
+            sock_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a data directory whose registry names another key provider than
+/// the one configured, naming the options that open it.
+fn check_provider_kind(cfg: &ServeConfig, r: &Registry) -> Result<()> {
+    let configured = match &cfg.kms {
+        Some(KmsConfig::Local { .. }) => "local",
+        Some(KmsConfig::Aws { .. }) => "aws",
+        None => return Ok(()),
+    };
+    match r.provider() {
+        Some("aws") if configured != "aws" => bail!(
+            "data directory {} uses provider aws (key {}); pass --kms aws --kms-key-id {}",
+            cfg.data_dir.display(),
+            r.master_key_id().unwrap_or("?"),
+            r.master_key_id().unwrap_or("ARN")
+        ),
+        Some("local") if configured != "local" => bail!(
+            "data directory {} uses provider local; pass --kms local --local-kek-file PATH \
+             (to move it to AWS KMS, rewrap its keys first)",
+            cfg.data_dir.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses to create a key registry beside existing exports: their headers
+/// are bound to the lost registry's keys, so a new one could never open them.
+fn refuse_orphan_exports(dir: &Path) -> Result<()> {
+    let exports = store::existing_exports(dir)?;
+    if !exports.is_empty() {
+        bail!(
+            "data directory {} has {} export(s) ({}) but no key registry keys.json: restore \
+             keys.json from backup; a new registry is never created over existing exports",
+            dir.display(),
+            exports.len(),
+            exports.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn create_data_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -449,6 +536,11 @@ fn spawn_revocation_watcher(
     health: Arc<Health>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Option<tokio::task::JoinHandle<()>> {
+    // Only a KMS key can be disabled or revoked behind the sidecar's back; a
+    // local KEK file has no such state, so nothing is watched for it.
+    if !matches!(cfg.kms, Some(KmsConfig::Aws { .. })) {
+        return None;
+    }
     let (provider, ring) = (provider?, keys?);
     let (interval, grace) = (cfg.kms_check_interval, cfg.kms_revocation_grace);
     tracing::info!(
@@ -482,13 +574,33 @@ pub fn init_logging(level: &str, format: LogFormat) {
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
         .unwrap_or_else(|| EnvFilter::new(level));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+}
+
+/// An error and its causes on one line, each cause once: layers whose
+/// message already quotes their source (`"{what}: {source}"`) would
+/// otherwise print the OS error twice.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// The async runtime of the process.
@@ -501,4 +613,23 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .thread_name("ear-worker")
         .build()
         .context("start the async runtime")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_prints_each_cause_once() {
+        let os = std::io::Error::from_raw_os_error(98);
+        let text = os.to_string();
+        let inner = anyhow::Error::new(os).context(format!("bind ./ear.sock: {text}"));
+        let e = inner.context("start the server");
+        let line = one_line(&e);
+        assert_eq!(line.matches(&text).count(), 1, "{line}");
+        assert!(
+            line.starts_with("start the server: bind ./ear.sock"),
+            "{line}"
+        );
+    }
 }

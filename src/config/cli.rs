@@ -102,10 +102,17 @@ pub struct ServeArgs {
     #[arg(long, value_name = "local|aws")]
     pub kms: Option<KmsKind>,
 
-    /// KEK file of the local provider, created 0600 [env: EAR_LOCAL_KEK_FILE]
-    /// [default: <data-dir>/local.kek]
+    /// KEK file of the local provider, created 0600; refused inside the data
+    /// directory [env: EAR_LOCAL_KEK_FILE]
+    /// [default: $XDG_CONFIG_HOME/ear-sidecar/local.kek or ~/.config/ear-sidecar/local.kek]
     #[arg(long, value_name = "PATH")]
     pub local_kek_file: Option<PathBuf>,
+
+    /// INSECURE, throwaway trials only: accept a local KEK inside the data
+    /// directory, where any copy of the volume carries its own key
+    /// [env: EAR_INSECURE_KEK_IN_DATA_DIR]
+    #[arg(long)]
+    pub insecure_kek_in_data_dir: bool,
 
     /// AWS KMS key ARN (required with --kms aws) [env: EAR_KMS_KEY_ID]
     #[arg(long, value_name = "ARN")]
@@ -122,35 +129,35 @@ pub struct ServeArgs {
 
     /// Give up start-up when the KMS cannot unwrap the key within this time
     /// [env: EAR_KMS_STARTUP_TIMEOUT] [default: 60s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub kms_startup_timeout: Option<Duration>,
 
     /// How often to check that the KMS key is still enabled (min 1s)
     /// [env: EAR_KMS_CHECK_INTERVAL] [default: 5m]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub kms_check_interval: Option<Duration>,
 
     /// How long to keep serving after the KMS reports the key disabled or pending deletion
     /// [env: EAR_KMS_REVOCATION_GRACE] [default: 5m]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub kms_revocation_grace: Option<Duration>,
 
     /// Allow only peers with this uid (SO_PEERCRED), repeatable [env: EAR_ALLOW_UID,
     /// comma-separated] [default: no uid filter]
-    #[arg(long, value_name = "UID")]
+    #[arg(long, value_name = "UID", value_parser = parse_uid_arg, allow_hyphen_values = true)]
     pub allow_uid: Vec<u32>,
 
     /// Longest request accepted, 4K..=1G; longer ones get an error reply
     /// [env: EAR_MAX_REQUEST] [default: 32M]
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
     pub max_request: Option<u64>,
 
     /// Most concurrent client connections [env: EAR_MAX_CONNECTIONS] [default: 256]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = parse_max_connections_arg, allow_hyphen_values = true)]
     pub max_connections: Option<usize>,
 
     /// Entries in the derived-key cache [env: EAR_KEY_CACHE_SIZE] [default: 1024]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = parse_key_cache_size_arg, allow_hyphen_values = true)]
     pub key_cache_size: Option<usize>,
 
     /// Metrics and health HTTP address; empty disables [env: EAR_METRICS_ADDR]
@@ -198,7 +205,7 @@ pub struct CheckArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// KEK file of the local provider [default: <data-dir>/local.kek]
+    /// KEK file of the local provider [default: as for serve]
     #[arg(long, value_name = "PATH", env = "EAR_LOCAL_KEK_FILE")]
     pub local_kek_file: Option<PathBuf>,
 
@@ -214,8 +221,8 @@ pub struct CheckArgs {
 /// Options of `ear-sidecar status`.
 #[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
-    /// Data directory to describe
-    #[arg(long, value_name = "DIR", env = "EAR_DATA_DIR")]
+    /// Data directory to describe [default: ./ear-data, as for serve]
+    #[arg(long, value_name = "DIR", env = "EAR_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
 
     /// Print JSON instead of text
@@ -267,4 +274,26 @@ impl ValidateKeyArgs {
             region,
         })
     }
+}
+
+/// A whole number in `lo..=hi`, with a message that states the range.
+fn whole_in(s: &str, lo: u64, hi: u64) -> Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|n| (lo..=hi).contains(n))
+        .ok_or_else(|| format!("expected a whole number from {lo} to {hi}"))
+}
+
+fn parse_max_connections_arg(s: &str) -> Result<usize, String> {
+    whole_in(s, 1, MAX_MAX_CONNECTIONS as u64).map(|n| n as usize)
+}
+
+fn parse_key_cache_size_arg(s: &str) -> Result<usize, String> {
+    whole_in(s, 1, MAX_KEY_CACHE_SIZE as u64).map(|n| n as usize)
+}
+
+fn parse_uid_arg(s: &str) -> Result<u32, String> {
+    // u32::MAX is (uid_t)-1, which no process can have.
+    whole_in(s, 0, u64::from(u32::MAX) - 1).map(|n| n as u32)
 }

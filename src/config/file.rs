@@ -32,6 +32,8 @@ pub struct ConfigFile {
     pub kms: Option<String>,
     /// `local_kek_file`
     pub local_kek_file: Option<PathBuf>,
+    /// `insecure_kek_in_data_dir`
+    pub insecure_kek_in_data_dir: Option<BoolOrString>,
     /// `kms_key_id`
     pub kms_key_id: Option<String>,
     /// `kms_endpoint`

@@ -106,6 +106,10 @@ impl ServeConfig {
     /// Resolves `serve` options against the process environment and the
     /// `--config` file. This is what `main` calls.
     pub fn from_process_env(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let names: Vec<String> = std::env::vars_os()
+            .filter_map(|(k, _)| k.into_string().ok())
+            .collect();
+        check_env_names(names.iter().map(String::as_str))?;
         Self::load(args, &|name| std::env::var_os(name))
     }
 
@@ -206,6 +210,15 @@ impl ServeConfig {
             |os| Ok(PathBuf::from(os)),
             |f| f.local_kek_file.clone().map(Ok),
         )?;
+        let insecure_kek = or_default(
+            l.pick(
+                "--insecure-kek-in-data-dir",
+                args.insecure_kek_in_data_dir.then_some(OnOff::On),
+                parse_on_off,
+                |f| f.insecure_kek_in_data_dir.as_ref().map(on_off_from_file),
+            )?,
+            || OnOff::Off,
+        );
         let key_id = l.pick("--kms-key-id", args.kms_key_id.clone(), check_key_id, |f| {
             f.kms_key_id.as_deref().map(check_key_id)
         })?;
@@ -225,12 +238,16 @@ impl ServeConfig {
 
         let kms = resolve_kms(
             &encryption,
-            kms_kind,
-            local_kek_file,
-            key_id,
-            endpoint,
-            region,
+            KmsInputs {
+                kind: kms_kind,
+                local_kek_file,
+                insecure_kek: insecure_kek.value == OnOff::On,
+                key_id,
+                endpoint,
+                region,
+            },
             &data_dir.value,
+            env,
         )?;
 
         let kms_startup_timeout = or_default(
@@ -447,15 +464,30 @@ pub(crate) fn recheck(
     .transpose()
 }
 
+/// The key-provider options as resolved from the layers.
+pub(crate) struct KmsInputs {
+    pub(crate) kind: Option<Sourced<KmsKind>>,
+    pub(crate) local_kek_file: Option<Sourced<PathBuf>>,
+    pub(crate) insecure_kek: bool,
+    pub(crate) key_id: Option<Sourced<String>>,
+    pub(crate) endpoint: Option<Sourced<String>>,
+    pub(crate) region: Option<Sourced<String>>,
+}
+
 pub(crate) fn resolve_kms(
     encryption: &Sourced<OnOff>,
-    kind: Option<Sourced<KmsKind>>,
-    local_kek_file: Option<Sourced<PathBuf>>,
-    key_id: Option<Sourced<String>>,
-    endpoint: Option<Sourced<String>>,
-    region: Option<Sourced<String>>,
+    inputs: KmsInputs,
     data_dir: &Path,
+    env: &dyn Fn(&str) -> Option<OsString>,
 ) -> Result<Option<KmsConfig>, ConfigError> {
+    let KmsInputs {
+        kind,
+        local_kek_file,
+        insecure_kek,
+        key_id,
+        endpoint,
+        region,
+    } = inputs;
     let conflict = |msg: String| Err(ConfigError::Conflict(msg));
     if encryption.value == OnOff::Off {
         let enc = &encryption.origin;
@@ -498,9 +530,26 @@ pub(crate) fn resolve_kms(
                     ));
                 }
             }
-            let kek_file = local_kek_file
-                .map(|s| s.value)
-                .unwrap_or_else(|| data_dir.join(DEFAULT_LOCAL_KEK_FILE_NAME));
+            let kek_file = match local_kek_file {
+                Some(s) => s.value,
+                None => default_local_kek_file(env).ok_or_else(|| {
+                    ConfigError::Conflict(
+                        "--kms local needs a place for its KEK outside the data directory, and \
+                         neither XDG_CONFIG_HOME nor HOME is set: pass --local-kek-file PATH"
+                            .into(),
+                    )
+                })?,
+            };
+            if !insecure_kek && path_is_within(&kek_file, data_dir) {
+                return conflict(format!(
+                    "--local-kek-file {} is inside the data directory {}: any copy of the \
+                     volume would carry its own key. Keep the KEK elsewhere (the default is \
+                     ~/.config/ear-sidecar/local.kek), or pass --insecure-kek-in-data-dir for \
+                     a throwaway trial",
+                    kek_file.display(),
+                    data_dir.display()
+                ));
+            }
             Ok(Some(KmsConfig::Local { kek_file }))
         }
         KmsKind::Aws => {
@@ -524,4 +573,49 @@ pub(crate) fn resolve_kms(
             }))
         }
     }
+}
+
+/// `EAR_*` variables that are not options: read by the test suite, never by
+/// the server, and accepted so a test run can set them.
+const NON_OPTION_ENV: [&str; 3] = ["EAR_TEST_SEED", "EAR_CRASH_SEED", "EAR_SKIP_MOTO"];
+
+/// Every `EAR_*` variable `serve` reads: one per long option.
+pub fn known_env_names() -> Vec<String> {
+    use clap::CommandFactory;
+    let cli = super::Cli::command();
+    let mut names: Vec<String> = cli
+        .find_subcommand("serve")
+        .map(|serve| {
+            serve
+                .get_arguments()
+                .filter_map(|a| a.get_long())
+                .filter(|l| *l != "help")
+                .map(env_var_name)
+                .collect()
+        })
+        .unwrap_or_default();
+    names.extend(NON_OPTION_ENV.iter().map(|s| s.to_string()));
+    names
+}
+
+/// Refuses an `EAR_*` variable that no option reads: a misspelt variable
+/// would otherwise be silently ignored (`EAR_ALLOW_UIDS` once left a socket
+/// open to every uid). Names the closest known variable.
+pub fn check_env_names<'a>(present: impl Iterator<Item = &'a str>) -> Result<(), ConfigError> {
+    let known = known_env_names();
+    for name in present.filter(|n| n.starts_with(ENV_PREFIX)) {
+        if known.iter().any(|k| k == name) {
+            continue;
+        }
+        let closest = known
+            .iter()
+            .min_by_key(|k| strsim::levenshtein(k, name))
+            .cloned()
+            .unwrap_or_default();
+        return Err(ConfigError::Conflict(format!(
+            "unknown environment variable {name}: no option reads it (did you mean {closest}?); \
+             `ear-sidecar serve --help` lists every option and its variable"
+        )));
+    }
+    Ok(())
 }

@@ -40,7 +40,7 @@ pub use file::*;
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::store::Exports;
@@ -281,4 +281,43 @@ pub struct ServeConfig {
     pub integrity: bool,
     /// Test only: block writes per key epoch (`None`: the format's maximum).
     pub epoch_writes: Option<u64>,
+}
+
+/// Whether `path` lies inside `dir`, compared as absolute paths with `.` and
+/// `..` resolved lexically (neither needs to exist) and, where they exist,
+/// with symbolic links resolved.
+pub fn path_is_within(path: &Path, dir: &Path) -> bool {
+    fn normal(p: &Path) -> PathBuf {
+        let abs = std::fs::canonicalize(p)
+            .or_else(|_| std::path::absolute(p))
+            .unwrap_or_else(|_| p.to_path_buf());
+        let mut out = PathBuf::new();
+        for c in abs.components() {
+            match c {
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                std::path::Component::CurDir => {}
+                other => out.push(other),
+            }
+        }
+        out
+    }
+    // A file that does not exist yet: resolve its directory instead.
+    let p = match (path.exists(), path.parent(), path.file_name()) {
+        (false, Some(parent), Some(name)) => normal(parent).join(name),
+        _ => normal(path),
+    };
+    p.starts_with(normal(dir))
+}
+
+/// Where the local KEK lives by default: outside any data directory, under
+/// the user's configuration directory (`$XDG_CONFIG_HOME/ear-sidecar/` or
+/// `~/.config/ear-sidecar/`), so a copied volume never carries its key.
+/// `None` when neither variable is set.
+pub fn default_local_kek_file(env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
+    let nonempty = |k: &str| env(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let base =
+        nonempty("XDG_CONFIG_HOME").or_else(|| nonempty("HOME").map(|h| h.join(".config")))?;
+    Some(base.join("ear-sidecar").join(DEFAULT_LOCAL_KEK_FILE_NAME))
 }

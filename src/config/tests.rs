@@ -34,10 +34,12 @@ fn resolve(
     toml: Option<&str>,
 ) -> Result<ServeConfig, ConfigError> {
     let args = serve_args(argv);
-    let map: HashMap<String, String> = env
+    let mut map: HashMap<String, String> = env
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
+    // The local KEK's default lives under $HOME.
+    map.entry("HOME".into()).or_insert_with(|| "/home/t".into());
     let lookup = move |k: &str| map.get(k).map(OsString::from);
     let file = toml
         .map(|t| ConfigFile::parse(Path::new("test.toml"), t))
@@ -187,7 +189,7 @@ fn defaults() {
             exports: Exports::Default,
             encryption: Encryption::On,
             kms: Some(KmsConfig::Local {
-                kek_file: PathBuf::from("./ear-data/local.kek")
+                kek_file: PathBuf::from("/home/t/.config/ear-sidecar/local.kek")
             }),
             kms_startup_timeout: Duration::from_secs(60),
             kms_check_interval: Duration::from_secs(300),
@@ -203,14 +205,55 @@ fn defaults() {
             epoch_writes: None,
         }
     );
-    // The KEK default follows the resolved data dir.
-    let c = resolve(&["--data-dir", "/d"], &[], None).unwrap();
+    // The KEK default never lies in the data directory.
+    let c = resolve(&["--data-dir", "/d"], &[("XDG_CONFIG_HOME", "/x")], None).unwrap();
+    assert_eq!(
+        c.kms,
+        Some(KmsConfig::Local {
+            kek_file: PathBuf::from("/x/ear-sidecar/local.kek")
+        })
+    );
+}
+
+#[test]
+fn a_kek_inside_the_data_dir_needs_the_loud_override() {
+    let e = err_text(resolve(
+        &["--data-dir", "/d", "--local-kek-file", "/d/local.kek"],
+        &[],
+        None,
+    ));
+    assert!(e.contains("inside the data directory"), "{e}");
+    assert!(e.contains("--insecure-kek-in-data-dir"), "{e}");
+    let c = resolve(
+        &[
+            "--data-dir",
+            "/d",
+            "--local-kek-file",
+            "/d/local.kek",
+            "--insecure-kek-in-data-dir",
+        ],
+        &[],
+        None,
+    )
+    .unwrap();
     assert_eq!(
         c.kms,
         Some(KmsConfig::Local {
             kek_file: PathBuf::from("/d/local.kek")
         })
     );
+    let c = resolve(
+        &["--data-dir", "/d", "--local-kek-file", "/d/local.kek"],
+        &[("EAR_INSECURE_KEK_IN_DATA_DIR", "on")],
+        None,
+    );
+    assert!(c.is_ok());
+    // Without HOME or XDG_CONFIG_HOME there is no default: say what to pass.
+    let args = serve_args(&[]);
+    let e = ServeConfig::resolve(&args, &no_env, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--local-kek-file"), "{e}");
 }
 
 #[test]
@@ -318,7 +361,9 @@ fn env_values_are_validated_with_origin() {
         1 << 30
     );
     assert!(resolve(&[], &[("EAR_KEY_CACHE_SIZE", "0")], None).is_err());
-    assert!(resolve(&["--max-connections", "0"], &[], None).is_err());
+    // On the command line the range is checked while parsing.
+    assert!(Cli::try_parse_from(["ear-sidecar", "serve", "--max-connections", "0"]).is_err());
+    assert!(resolve(&[], &[("EAR_MAX_CONNECTIONS", "0")], None).is_err());
     assert!(resolve(&[], &[("EAR_KMS_CHECK_INTERVAL", "500ms")], None).is_err());
     assert!(resolve(&[], &[("EAR_KMS_STARTUP_TIMEOUT", "0")], None).is_err());
     assert!(resolve(&[], &[("EAR_LOG_LEVEL", "info,[[[")], None).is_err());
@@ -407,10 +452,15 @@ fn load_reads_config_file_from_cli_or_env() {
     std::fs::write(&path, "data_dir = \"/from-file\"\n").unwrap();
     let p = path.to_str().unwrap();
     let args = serve_args(&["--config", p]);
-    let c = ServeConfig::load(&args, &no_env).unwrap();
+    let home = |k: &str| (k == "HOME").then(|| OsString::from("/home/t"));
+    let c = ServeConfig::load(&args, &home).unwrap();
     assert_eq!(c.data_dir, PathBuf::from("/from-file"));
     assert_eq!(c.config_file.as_deref(), Some(path.as_path()));
-    let env = |k: &str| (k == "EAR_CONFIG").then(|| OsString::from(p));
+    let env = |k: &str| match k {
+        "EAR_CONFIG" => Some(OsString::from(p)),
+        "HOME" => Some(OsString::from("/home/t")),
+        _ => None,
+    };
     let c = ServeConfig::load(&serve_args(&[]), &env).unwrap();
     assert_eq!(c.data_dir, PathBuf::from("/from-file"));
     let missing = serve_args(&["--config", "/nonexistent/ear.toml"]);
@@ -552,7 +602,8 @@ fn help_documents_env_and_defaults() {
         "EAR_METRICS_ADDR",
         "127.0.0.1:9898",
         "EAR_KMS_REVOCATION_GRACE",
-        "<data-dir>/local.kek",
+        "~/.config/ear-sidecar/local.kek",
+        "--insecure-kek-in-data-dir",
     ] {
         assert!(help.contains(needle), "help lacks {needle}:\n{help}");
     }
@@ -565,4 +616,56 @@ fn env_var_names() {
         env_var_name("--kms-revocation-grace"),
         "EAR_KMS_REVOCATION_GRACE"
     );
+}
+
+#[test]
+fn a_misspelt_env_variable_is_refused_naming_the_closest() {
+    let e = layers::check_env_names(["PATH", "EAR_DATA_DIR", "EAR_ALLOW_UIDS"].into_iter())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("unknown environment variable EAR_ALLOW_UIDS"),
+        "{e}"
+    );
+    assert!(e.contains("did you mean EAR_ALLOW_UID?"), "{e}");
+    // Every option's variable, and the test suite's own, are accepted.
+    let known = layers::known_env_names();
+    assert!(known.iter().any(|k| k == "EAR_CONFIG"));
+    assert!(known.iter().any(|k| k == "EAR_KMS_REVOCATION_GRACE"));
+    layers::check_env_names(known.iter().map(String::as_str)).unwrap();
+}
+
+#[test]
+fn negative_numbers_name_the_option_and_its_range() {
+    for (argv, range) in [
+        (["--max-connections", "-1"], "from 1 to 1048576"),
+        (["--allow-uid", "-5"], "from 0 to 4294967294"),
+        (["--key-cache-size", "-2"], "from 1 to 16777216"),
+    ] {
+        let mut full = vec!["ear-sidecar", "serve"];
+        full.extend(argv);
+        let e = Cli::try_parse_from(full).unwrap_err().to_string();
+        assert!(e.contains(&format!("'-{}'", &argv[1][1..])), "{e}");
+        assert!(e.contains(argv[0]), "{e}");
+        assert!(e.contains(range), "{e}");
+        assert!(!e.contains("unexpected argument"), "{e}");
+    }
+    let e = Cli::try_parse_from(["ear-sidecar", "serve", "--kms-revocation-grace", "-1s"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--kms-revocation-grace"), "{e}");
+    assert!(!e.contains("unexpected argument"), "{e}");
+}
+
+#[test]
+fn path_within_is_lexical_and_follows_existing_links() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    assert!(path_is_within(&data.join("local.kek"), &data));
+    assert!(path_is_within(&data.join("x/../local.kek"), &data));
+    assert!(!path_is_within(&d.path().join("kek/local.kek"), &data));
+    assert!(!path_is_within(&data.join("../local.kek"), &data));
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::symlink(&data, d.path().join("alias")).unwrap();
+    assert!(path_is_within(&d.path().join("alias/local.kek"), &data));
 }

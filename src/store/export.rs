@@ -592,6 +592,16 @@ impl Export {
             tracing::info!(export = %self.name, "scrub unfinished: the export stays marked open");
             return Ok(());
         }
+        // Marking the header clean needs the header-MAC key. After a
+        // fail-closed wipe there is none: the data is already durable, so
+        // the export simply stays marked open and the next start scrubs it.
+        if let Some(ring) = &self.keys {
+            if ring.is_failed_closed() {
+                tracing::warn!(export = %self.name,
+                    "keys are wiped (failed closed): the export stays marked open and is scrubbed at the next start");
+                return Ok(());
+            }
+        }
         self.update_header(|h| h.state = State::Clean)
     }
 

@@ -393,17 +393,26 @@ pub fn inspect(data_dir: &Path) -> Result<Vec<ExportInfo>, StoreError> {
             allocated_bytes: 0,
             error: None,
         };
-        match (|| -> std::io::Result<(u64, [u8; format::HEADER_BODY])> {
+        match (|| -> std::io::Result<(u64, u64, [u8; format::HEADER_BODY])> {
             let f = std::fs::File::open(&path)?;
             let md = f.metadata()?;
             let mut body = [0u8; format::HEADER_BODY];
             std::os::unix::fs::FileExt::read_exact_at(&f, &mut body, 0)?;
-            Ok((md.blocks() * 512, body))
+            Ok((md.blocks() * 512, md.len(), body))
         })() {
             Err(e) => info.error = Some(e.to_string()),
-            Ok((alloc, body)) => {
+            Ok((alloc, len, body)) => {
                 info.allocated_bytes = alloc;
                 match format::Header::decode_body(&body) {
+                    // The same length rule as opening the export: a file
+                    // shorter than its header requires was truncated.
+                    Ok(h) if len < format::file_len_for(h.size) => {
+                        info.size = h.size;
+                        info.error = Some(format!(
+                            "the file is {len} bytes but its header requires {}: it was truncated (serve refuses it)",
+                            format::file_len_for(h.size)
+                        ));
+                    }
                     Ok(h) => {
                         info.size = h.size;
                         info.algorithm = match h.algorithm {

@@ -239,6 +239,17 @@ impl Sidecar {
         self.dir.path().join("data")
     }
 
+    /// `XDG_CONFIG_HOME` of the sidecar (`<tmp>/config`), where the local
+    /// provider's default KEK lives.
+    pub fn config_home(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    /// The local provider's KEK file (`<tmp>/config/ear-sidecar/local.kek`).
+    pub fn kek_file(&self) -> PathBuf {
+        self.config_home().join("ear-sidecar").join("local.kek")
+    }
+
     /// The socket path (`<tmp>/s.sock`).
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("s.sock")
@@ -285,8 +296,10 @@ impl Sidecar {
             .arg(self.socket())
             .args(["--metrics-addr", ""])
             .args(&self.args)
-            // Isolate from the developer's environment and config files.
+            // Isolate from the developer's environment and config files;
+            // the default local KEK goes to <tmp>/config, beside the data.
             .env_remove("EAR_CONFIG")
+            .env("XDG_CONFIG_HOME", self.config_home())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .current_dir(self.dir.path());
@@ -416,7 +429,9 @@ impl Sidecar {
     /// returns its output; the exit status is the caller's to judge.
     pub fn run_cli(&self, args: &[&str]) -> Output {
         let mut c = Command::new(sidecar_bin());
-        c.args(args).env_remove("EAR_CONFIG");
+        c.args(args)
+            .env_remove("EAR_CONFIG")
+            .env("XDG_CONFIG_HOME", self.config_home());
         run(&mut c)
     }
 }

@@ -116,6 +116,7 @@ impl Sidecar {
         let child = Command::new(&argv[0])
             .args(&argv[1..])
             .env_remove("RUST_LOG")
+            .env("XDG_CONFIG_HOME", self.root.join("config"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)

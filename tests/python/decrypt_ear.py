@@ -330,10 +330,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--export", required=True)
-    ap.add_argument("--kek-file", help="default: <data-dir>/local.kek")
+    ap.add_argument("--kek-file",
+                    help="default: $XDG_CONFIG_HOME/ear-sidecar/local.kek or ~/.config/ear-sidecar/local.kek")
     ap.add_argument("--output", help="default: stdout")
     a = ap.parse_args()
-    kek_file = a.kek_file or os.path.join(a.data_dir, "local.kek")
+    config_home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    kek_file = a.kek_file or os.path.join(config_home, "ear-sidecar", "local.kek")
     try:
         if a.output:
             with open(a.output, "wb") as out:
