@@ -298,6 +298,7 @@ fn fio_kill9_cycles_leave_no_unreadable_block() {
     let out = Command::new(hardening_common::bin())
         .args(["check", "--data-dir"])
         .arg(&sc.data_dir)
+        .env("XDG_CONFIG_HOME", sc.root.join("config"))
         .output()
         .unwrap();
     let text = format!(

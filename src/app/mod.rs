@@ -353,14 +353,10 @@ fn open_store(cfg: &ServeConfig, registry: &Registry, keys: Option<Arc<KeyRing>>
         .ok_or_else(|| anyhow!("key registry has a malformed dir_id"))?;
     let specs = cfg.exports.resolve(&cfg.data_dir)?;
     // The epoch size is a hidden test knob (--epoch-writes).
-    let opts = store::ExportOptions {
-        integrity: if cfg.integrity {
-            store::format::Integrity::Gmac
-        } else {
-            store::format::Integrity::Check
-        },
-        epoch_writes: cfg.epoch_writes.unwrap_or(store::format::MAX_EPOCH_WRITES),
-    };
+    let mut opts = store::ExportOptions::with_integrity(cfg.integrity);
+    if let Some(n) = cfg.epoch_writes {
+        opts.epoch_writes = n;
+    }
     let store =
         tokio::task::block_in_place(|| Store::open_opts(&cfg.data_dir, dir_id, keys, &specs, opts))
             .context("open exports")?;

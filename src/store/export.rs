@@ -73,6 +73,33 @@ impl Default for ExportOptions {
     }
 }
 
+impl ExportOptions {
+    /// The defaults, with per-block authentication (`--integrity on`) or not.
+    pub fn with_integrity(on: bool) -> Self {
+        ExportOptions {
+            integrity: if on {
+                Integrity::Gmac
+            } else {
+                Integrity::Check
+            },
+            ..ExportOptions::default()
+        }
+    }
+}
+
+/// Opens a backing file for reading and, when `writable`, writing.
+fn open_backing(path: &Path, writable: bool) -> Result<Backing, StoreError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map(Backing::new)
+        .map_err(|source| StoreError::Io {
+            what: format!("open {}", path.display()),
+            source,
+        })
+}
+
 /// The running epoch: the epoch new writes use and its next write counter.
 #[derive(Debug)]
 struct EpochState {
@@ -366,15 +393,7 @@ impl Export {
         keys: Option<Arc<KeyRing>>,
         opts: ExportOptions,
     ) -> Result<Export, StoreError> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|source| StoreError::Io {
-                what: format!("open {}", path.display()),
-                source,
-            })?;
-        let file = Backing::new(file);
+        let file = open_backing(path, true)?;
         let (header, problems) = Self::read_headers(&file, path, &keys)?;
         if !problems.is_empty() {
             tracing::warn!(export = expected_name, problems = %problems.join("; "),
@@ -394,15 +413,7 @@ impl Export {
         keys: Option<Arc<KeyRing>>,
         writable: bool,
     ) -> Result<(Export, Vec<String>), StoreError> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(|source| StoreError::Io {
-                what: format!("open {}", path.display()),
-                source,
-            })?;
-        let file = Backing::new(file);
+        let file = open_backing(path, writable)?;
         let (header, problems) = Self::read_headers(&file, path, &keys)?;
         check_identity(path, &header, expected_name, dir_id)?;
         let export = Export {

@@ -204,14 +204,7 @@ impl Store {
         specs: &[ExportSpec],
         integrity: bool,
     ) -> Result<Store, StoreError> {
-        let opts = ExportOptions {
-            integrity: if integrity {
-                format::Integrity::Gmac
-            } else {
-                format::Integrity::Check
-            },
-            ..ExportOptions::default()
-        };
+        let opts = ExportOptions::with_integrity(integrity);
         Self::open_opts(data_dir, dir_id, keys, specs, opts)
     }
 
