@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::export::Export;
-use super::format::{self, Kind, Slot, State, GROUP_BLOCKS, PAIR_SIZE, SLOT_SIZE};
+use super::format::{self, Slot, State, GROUP_BLOCKS, PAIR_SIZE, SLOT_SIZE};
 use super::{exports_dir, StoreError, SUFFIX};
-use crate::crypto::{KeyRing, NONCE_LEN};
+use crate::crypto::KeyRing;
 
 /// Most block numbers listed per category in a report.
 pub const LIST_MAX: usize = 100;
@@ -316,16 +316,7 @@ fn zero_blocks(e: &Export, pairs: &[u8], g: u64, blocks: &[u64]) -> Result<(), S
         let i = (b - first) as usize;
         let pair = &mut pairs[i * PAIR_SIZE..(i + 1) * PAIR_SIZE];
         let (target, generation) = format::write_target(pair, Some(None));
-        let slot = Slot {
-            nonce: [0; NONCE_LEN],
-            key_version: 0,
-            epoch: 0,
-            generation,
-            kind: Kind::Zero,
-            check: 0,
-            tag: [0; format::TAG_LEN],
-        }
-        .seal(b, &[]);
+        let slot = Slot::zero(b, generation);
         slot.encode(&mut pair[target * SLOT_SIZE..(target + 1) * SLOT_SIZE]);
     }
     e.io()
