@@ -11,9 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use ear_sidecar::protocol::{
-    self, consts::*, InfoRequest, OptionReplyHeader, RawRequest, SimpleReplyHeader,
-};
+use ear_sidecar::protocol::{self, consts::*, OptionReplyHeader, RawRequest, SimpleReplyHeader};
 
 /// How long any socket read or write may block.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -34,17 +32,10 @@ fn proto(e: impl std::fmt::Display) -> io::Error {
 }
 
 /// The client's side of a fixed-newstyle handshake that asks for `export`
-/// with `NBD_OPT_GO`: client flags (fixed newstyle, no zeroes), then the option.
+/// with `NBD_OPT_GO` (client flags with no zeroes, then the option).
 pub fn go_request(export: &str) -> Vec<u8> {
     let mut b = BytesMut::new();
-    protocol::encode_client_flags(&mut b, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
-    let mut data = BytesMut::new();
-    InfoRequest {
-        name: export.to_string(),
-        info_types: vec![],
-    }
-    .encode(&mut data);
-    protocol::encode_option(&mut b, NBD_OPT_GO, &data);
+    protocol::encode_go_opening(&mut b, export, true);
     b.to_vec()
 }
 
