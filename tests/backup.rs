@@ -71,6 +71,17 @@ fn opts() -> BackupOptions {
     }
 }
 
+/// A full backup of "vol0" (no key registry) signed with `keys`.
+fn full_request(keys: &ManifestKeys) -> BackupRequest<'_> {
+    BackupRequest {
+        export: "vol0".into(),
+        parent: None,
+        key_registry: vec![],
+        keys,
+        options: opts(),
+    }
+}
+
 async fn take(
     target: &Arc<dyn BackupTarget>,
     model: &Model,
@@ -236,20 +247,9 @@ async fn scenario(target: Arc<dyn BackupTarget>) {
     assert_eq!(before.len(), 4);
     let mut failing = MemorySource::new(BLOCKS * 4096, model.clone());
     failing.fail_after = Some(600);
-    let e = backup::backup(
-        target.clone(),
-        failing,
-        BackupRequest {
-            export: "vol0".into(),
-            parent: None,
-            key_registry: vec![],
-            keys: &k,
-            options: opts(),
-        },
-        &|_| {},
-    )
-    .await
-    .unwrap_err();
+    let e = backup::backup(target.clone(), failing, full_request(&k), &|_| {})
+        .await
+        .unwrap_err();
     assert!(matches!(e, BackupError::Source(_)), "{e}");
     assert_eq!(complete(&target, &k).await, before);
 
@@ -267,13 +267,7 @@ async fn scenario(target: Arc<dyn BackupTarget>) {
     let fut = backup::backup(
         target.clone(),
         MemorySource::new(BLOCKS * 4096, model.clone()),
-        BackupRequest {
-            export: "vol0".into(),
-            parent: None,
-            key_registry: vec![],
-            keys: &k,
-            options: opts(),
-        },
+        full_request(&k),
         &notify_third,
     );
     tokio::select! {

@@ -53,6 +53,31 @@ fn ctx(dir: &str) -> EncryptionContext {
     ])
 }
 
+/// Starts the master-key watch over `ring` (check every 200 ms, 1 s grace).
+/// Dropping the sender stops it; await the handle to join it.
+fn watch(
+    p: &Arc<dyn KeyProvider>,
+    ring: &Arc<KeyRing>,
+) -> (
+    Arc<RevocationState>,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let state = Arc::new(RevocationState::new());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(watch_master_key(
+        p.clone(),
+        ring.clone(),
+        Duration::from_millis(200),
+        Duration::from_secs(1),
+        state.clone(),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    (state, tx, task)
+}
+
 fn failed(r: &ear_sidecar::keys::aws::ValidationReport, name: &str) -> String {
     match r.outcome(name) {
         Some(CheckOutcome::Failed(m)) => m.clone(),
@@ -252,18 +277,7 @@ async fn watcher_fails_closed_on_disable_and_survives_outage() {
 
     // 1. Disabled while running: fails closed after the grace period.
     let ring = Arc::new(KeyRing::new(BTreeMap::from([(1, key.duplicate())]), 1, 16).unwrap());
-    let state = Arc::new(RevocationState::new());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(watch_master_key(
-        p.clone(),
-        ring.clone(),
-        Duration::from_millis(200),
-        Duration::from_secs(1),
-        state.clone(),
-        async move {
-            let _ = rx.await;
-        },
-    ));
+    let (state, tx, task) = watch(&p, &ring);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(state.snapshot().health, MasterKeyHealth::Ok);
     moto.set_enabled(&arn, false).await;
@@ -287,18 +301,7 @@ async fn watcher_fails_closed_on_disable_and_survives_outage() {
         .await
         .expect("unwrap after re-enable");
     let ring = Arc::new(KeyRing::new(BTreeMap::from([(1, key)]), 1, 16).unwrap());
-    let state = Arc::new(RevocationState::new());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(watch_master_key(
-        p.clone(),
-        ring.clone(),
-        Duration::from_millis(200),
-        Duration::from_secs(1),
-        state.clone(),
-        async move {
-            let _ = rx.await;
-        },
-    ));
+    let (state, tx, task) = watch(&p, &ring);
     tokio::time::sleep(Duration::from_millis(300)).await;
     moto.stop();
     tokio::time::sleep(Duration::from_secs(3)).await;
