@@ -196,30 +196,29 @@ pub fn check_export(
     log: &mut RepairLog,
     progress: &mut dyn FnMut(u64, u64),
 ) -> ExportCheck {
-    let path = exports_dir(data_dir).join(format!("{name}{SUFFIX}"));
     let mut out = ExportCheck {
         name: name.to_string(),
-        path: path.clone(),
+        path: exports_dir(data_dir).join(format!("{name}{SUFFIX}")),
         ..ExportCheck::default()
     };
-    if let Err(e) = check_inner(&path, name, dir_id, keys, repair, log, progress, &mut out) {
+    if let Err(e) = check_inner(&mut out, dir_id, keys, repair, log, progress) {
         out.error = Some(e.to_string());
     }
     out
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The work of [`check_export`] on `out.path` (export `out.name`), filling `out`.
 fn check_inner(
-    path: &Path,
-    name: &str,
+    out: &mut ExportCheck,
     dir_id: [u8; 16],
     keys: Option<Arc<KeyRing>>,
     repair: bool,
     log: &mut RepairLog,
     progress: &mut dyn FnMut(u64, u64),
-    out: &mut ExportCheck,
 ) -> Result<(), StoreError> {
-    let (e, problems) = Export::open_offline(path, name, dir_id, keys, repair)?;
+    let name = out.name.clone();
+    let name = name.as_str();
+    let (e, problems) = Export::open_offline(&out.path, name, dir_id, keys, repair)?;
     out.header_problems = problems;
     out.state = match e.header().state {
         State::Clean => "clean".into(),
