@@ -32,12 +32,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use ear_sidecar::protocol::consts::{
-    NBD_CMD_DISC, NBD_CMD_READ, NBD_CMD_WRITE, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES,
-    NBD_FLAG_NO_ZEROES, NBD_OPT_GO, NBD_REP_ACK, NBD_REP_INFO,
+    NBD_CMD_DISC, NBD_CMD_READ, NBD_CMD_WRITE, NBD_FLAG_NO_ZEROES, NBD_REP_ACK, NBD_REP_INFO,
 };
 use ear_sidecar::protocol::{
-    encode_client_flags, encode_option, encode_request, parse_greeting, parse_option_reply_header,
-    parse_rep_info, parse_simple_reply_header, InfoReply, InfoRequest, ProtocolError, RawRequest,
+    encode_go_opening, encode_request, parse_greeting, parse_option_reply_header, parse_rep_info,
+    parse_simple_reply_header, InfoReply, ProtocolError, RawRequest,
 };
 
 const KIB: u64 = 1024;
@@ -365,19 +364,8 @@ pub async fn connect(socket: &Path, export: &str) -> Result<(UnixStream, u64), H
         .await
         .map_err(io_err("read greeting"))?;
     let hflags = parse_greeting(&greeting)?;
-    let mut cflags = NBD_FLAG_C_FIXED_NEWSTYLE;
-    if hflags & NBD_FLAG_NO_ZEROES != 0 {
-        cflags |= NBD_FLAG_C_NO_ZEROES;
-    }
     let mut buf = BytesMut::new();
-    encode_client_flags(&mut buf, cflags);
-    let mut data = BytesMut::new();
-    InfoRequest {
-        name: export.to_owned(),
-        info_types: Vec::new(),
-    }
-    .encode(&mut data);
-    encode_option(&mut buf, NBD_OPT_GO, &data);
+    encode_go_opening(&mut buf, export, hflags & NBD_FLAG_NO_ZEROES != 0);
     s.write_all(&buf).await.map_err(io_err("send NBD_OPT_GO"))?;
     let mut size = None;
     loop {

@@ -4,6 +4,7 @@
 //! manifest or chunk is refused, an interrupted backup leaves nothing listed
 //! as complete and the next one works, prune keeps chains whole.
 
+mod common;
 #[path = "common/moto.rs"]
 mod moto;
 
@@ -12,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use common::Rng;
 use ear_sidecar::backup::{
     self, chain, BackupError, BackupId, BackupOptions, BackupRequest, BackupTarget, BlockRecord,
     Destination, LocalTarget, ManifestError, ManifestKey, ManifestKeys, MemorySink, MemorySource,
@@ -20,23 +22,6 @@ use ear_sidecar::backup::{
 use ear_sidecar::crypto::SecretKey;
 
 const BLOCKS: u64 = 1024; // 4 MiB export
-
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn fill(&mut self, b: &mut [u8]) {
-        for c in b.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
 
 type Model = BTreeMap<u64, BlockRecord>;
 
@@ -83,6 +68,17 @@ fn opts() -> BackupOptions {
         window_blocks: 64,
         min_chunk_bytes: 64 * 4096,
         parallel: 3,
+    }
+}
+
+/// A full backup of "vol0" (no key registry) signed with `keys`.
+fn full_request(keys: &ManifestKeys) -> BackupRequest<'_> {
+    BackupRequest {
+        export: "vol0".into(),
+        parent: None,
+        key_registry: vec![],
+        keys,
+        options: opts(),
     }
 }
 
@@ -151,7 +147,7 @@ async fn flip_byte(target: &Arc<dyn BackupTarget>, key: &ObjectKey, at: usize) -
 /// The whole scenario, on any target.
 async fn scenario(target: Arc<dyn BackupTarget>) {
     let k = keys();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     let mut model = Model::new();
     for i in (0..BLOCKS).filter(|i| i % 5 != 3) {
         write(&mut model, &mut rng, i);
@@ -251,20 +247,9 @@ async fn scenario(target: Arc<dyn BackupTarget>) {
     assert_eq!(before.len(), 4);
     let mut failing = MemorySource::new(BLOCKS * 4096, model.clone());
     failing.fail_after = Some(600);
-    let e = backup::backup(
-        target.clone(),
-        failing,
-        BackupRequest {
-            export: "vol0".into(),
-            parent: None,
-            key_registry: vec![],
-            keys: &k,
-            options: opts(),
-        },
-        &|_| {},
-    )
-    .await
-    .unwrap_err();
+    let e = backup::backup(target.clone(), failing, full_request(&k), &|_| {})
+        .await
+        .unwrap_err();
     assert!(matches!(e, BackupError::Source(_)), "{e}");
     assert_eq!(complete(&target, &k).await, before);
 
@@ -282,13 +267,7 @@ async fn scenario(target: Arc<dyn BackupTarget>) {
     let fut = backup::backup(
         target.clone(),
         MemorySource::new(BLOCKS * 4096, model.clone()),
-        BackupRequest {
-            export: "vol0".into(),
-            parent: None,
-            key_registry: vec![],
-            keys: &k,
-            options: opts(),
-        },
+        full_request(&k),
         &notify_third,
     );
     tokio::select! {
@@ -346,16 +325,11 @@ async fn scenario(target: Arc<dyn BackupTarget>) {
     // Incremental chain survives a prune that drops an older full backup.
     write(&mut model, &mut rng, 77);
     let (inc4, _) = take(&target, &model, Some(&full2.backup_id), &k).await;
-    let r = chain::prune(
-        &*target,
-        &k,
-        &PruneOptions {
-            keep: 1,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let keep = |keep| PruneOptions {
+        keep,
+        ..Default::default()
+    };
+    let r = chain::prune(&*target, &k, &keep(1)).await.unwrap();
     assert_eq!(
         r.removed.len(),
         0,
@@ -363,16 +337,7 @@ async fn scenario(target: Arc<dyn BackupTarget>) {
     );
     assert_eq!(r.kept.len(), 2);
     assert_eq!(restore(&target, &inc4.backup_id, &k).await.unwrap(), model);
-    assert!(chain::prune(
-        &*target,
-        &k,
-        &PruneOptions {
-            keep: 0,
-            ..Default::default()
-        }
-    )
-    .await
-    .is_err());
+    assert!(chain::prune(&*target, &k, &keep(0)).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -419,7 +384,7 @@ async fn s3_on_moto_end_to_end() {
 
     // A large object goes up as a parallel multipart upload and reads back whole.
     let mut big = vec![0u8; 20 << 20];
-    Rng(7).fill(&mut big);
+    Rng::new(7).fill(&mut big);
     let key = ObjectKey::parse("objects/big").unwrap();
     target.put(&key, Bytes::from(big.clone())).await.unwrap();
     assert_eq!(target.get(&key).await.unwrap(), Bytes::from(big));

@@ -14,15 +14,15 @@
 //! whole, then `ear-sidecar check` to find no damage. `CRASH_CYCLES` sets the
 //! number of cycles (default 20; scripts/soak.sh runs many more).
 
-mod hardening_common;
+mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{is_root, pattern, pattern_gen, Client, Rng, Sidecar};
 use ear_sidecar::protocol::consts::*;
-use hardening_common::{is_root, pattern, pattern_gen, Client, Rng, Sidecar};
 
 const BLOCKS: u64 = 2048; // 8 MiB export
 const BS: u64 = 4096;
@@ -39,7 +39,7 @@ struct Model {
 /// Writes random extents with up to 8 requests in flight until the socket
 /// fails (the process was killed). Returns the model.
 fn writer(socket: PathBuf, mut m: Model, seed: u64) -> Model {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let Ok(mut c) = Client::connect(&socket, "default") else {
         return m;
     };
@@ -183,13 +183,13 @@ fn kill9_cycles_keep_acknowledged_writes() {
     let (mut torn_total, mut inflight_total) = (0, 0);
     let n = cycles();
     for cycle in 0..n {
-        let socket = sc.socket.clone();
-        let seed = rng.next();
+        let socket = sc.socket();
+        let seed = rng.next_u64();
         let h = std::thread::spawn(move || writer(socket, m, seed));
         std::thread::sleep(Duration::from_millis(50 + rng.below(450)));
         sc.kill9();
         m = h.join().expect("writer thread");
-        sc.spawn();
+        sc.start_again();
         let (torn, inflight) = verify(&sc, &mut m, cycle);
         torn_total += torn;
         inflight_total += inflight;
@@ -203,7 +203,7 @@ fn kill9_cycles_keep_acknowledged_writes() {
     );
     assert_eq!(torn_total, 0, "a crash made blocks unreadable");
     assert!(m.writes_acked > u64::from(n), "writer made no progress");
-    assert!(!sc.log().contains("panicked"), "{}", sc.log());
+    assert!(!sc.all_logs().contains("panicked"), "{}", sc.all_logs());
 }
 
 // ------------------------------------------------------- fio under kill -9
@@ -250,12 +250,12 @@ fn fio_kill9_cycles_leave_no_unreadable_block() {
     for cycle in 0..n {
         // Fill values 1..=n: a block reads as one of them or zeros.
         let fill = (cycle + 1) as u8;
-        let mut fio = fio_until_killed(&sc.uri("default"), fill, &sc.root);
+        let mut fio = fio_until_killed(&sc.uri("default"), fill, sc.root());
         std::thread::sleep(Duration::from_millis(300 + rng.below(900)));
         sc.kill9();
         let _ = fio.kill();
         let _ = fio.wait();
-        sc.spawn();
+        sc.start_again();
         let mut c = sc.client("default");
         written = 0;
         for chunk in 0..EXPORT_BLOCKS / 64 {
@@ -294,11 +294,11 @@ fn fio_kill9_cycles_leave_no_unreadable_block() {
     assert_eq!(unreadable, 0, "unreadable blocks after kill -9");
     assert!(written > 0, "fio wrote nothing");
     // Offline check after a clean stop: no damage (torn-but-old slots are fine).
-    assert!(sc.stop(), "clean stop");
-    let out = Command::new(hardening_common::bin())
+    assert!(sc.try_stop(), "clean stop");
+    let out = Command::new(common::sidecar_bin())
         .args(["check", "--data-dir"])
-        .arg(&sc.data_dir)
-        .env("XDG_CONFIG_HOME", sc.root.join("config"))
+        .arg(sc.data_dir())
+        .env("XDG_CONFIG_HOME", sc.config_home())
         .output()
         .unwrap();
     let text = format!(
@@ -309,7 +309,7 @@ fn fio_kill9_cycles_leave_no_unreadable_block() {
     eprintln!("{text}");
     assert!(out.status.success(), "check found damage: {text}");
     assert!(text.contains("0 can't tell, 0 bad tags"), "{text}");
-    assert!(!sc.log().contains("panicked"), "{}", sc.log());
+    assert!(!sc.all_logs().contains("panicked"), "{}", sc.all_logs());
 }
 
 // ------------------------------------------------------------------ full disk
@@ -375,9 +375,9 @@ fn full_filesystem_gives_enospc_and_keeps_data() {
         return;
     }
     let _mount = Mount(mnt.clone());
-    let mut sc = Sidecar::new_in(root.path(), &["--export", "default=64M"]);
-    sc.data_dir = mnt.join("data");
-    sc.spawn();
+    let mut sc = Sidecar::new_stopped(&["--export", "default=64M"]);
+    sc.set_data_dir(mnt.join("data"));
+    sc.start_again();
     let chunk = 256 << 10;
     let mut c = sc.client("default");
     let (ok, errno) = fill_until_error(&mut c, chunk);
@@ -401,9 +401,14 @@ fn full_filesystem_gives_enospc_and_keeps_data() {
         .unwrap()
         .expect("overwrite of allocated block on a full fs");
     c.disconnect();
-    assert!(sc.alive(), "died on a full fs; log:\n{}", sc.log());
+    assert!(
+        sc.is_running(),
+        "died on a full fs; log:\n{}",
+        sc.all_logs()
+    );
     // Restart on the full filesystem: data still readable.
-    sc.restart();
+    sc.try_stop();
+    sc.start_again();
     let mut c = sc.client("default");
     check_chunks(&mut c, &ok, chunk, "full fs, after restart");
     c.disconnect();
@@ -414,8 +419,8 @@ fn full_filesystem_gives_enospc_and_keeps_data() {
 fn file_size_limit_gives_error_not_death() {
     let mut sc = Sidecar::start(&["--export", "default=64M"]);
     sc.stop();
-    sc.wrapper = vec!["prlimit".into(), "--fsize=4194304".into(), "--".into()];
-    sc.spawn();
+    sc.set_wrapper(&["prlimit", "--fsize=4194304", "--"]);
+    sc.start_again();
     let mut c = sc.client("default");
     c.write(0, &pattern(0, 1), true)
         .unwrap()
@@ -442,8 +447,8 @@ fn file_size_limit_gives_error_not_death() {
 
 fn registry_paths(sc: &Sidecar) -> (PathBuf, PathBuf) {
     (
-        sc.data_dir.join("keys.json"),
-        sc.data_dir.join("keys.json.tmp"),
+        sc.data_dir().join("keys.json"),
+        sc.data_dir().join("keys.json.tmp"),
     )
 }
 
@@ -476,7 +481,7 @@ fn key_registry_survives_crash_at_each_write_step() {
         if let Some(b) = &tmp_bytes {
             write_mode(&tmp, b, 0o600);
         }
-        sc.spawn();
+        sc.start_again();
         let mut c = sc.client("default");
         assert_eq!(
             c.read(0, 4096).unwrap().unwrap(),
@@ -496,12 +501,12 @@ fn key_registry_survives_crash_at_each_write_step() {
 
     // A corrupt keys.json (which the atomic write never produces) must stop
     // start-up, never re-initialise the directory with a new key.
-    let export = sc.data_dir.join("exports").join("default.ear");
+    let export = sc.data_dir().join("exports").join("default.ear");
     let before = std::fs::read(&export).unwrap();
     write_mode(&reg, half, 0o600);
     sc.spawn_no_wait();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while sc.alive() {
+    while sc.is_running() {
         assert!(
             Instant::now() < deadline,
             "started with a truncated keys.json"
@@ -517,7 +522,7 @@ fn key_registry_survives_crash_at_each_write_step() {
     );
     assert!(std::fs::read(&export).unwrap() == before, "export changed");
     write_mode(&reg, &good, 0o600);
-    sc.spawn();
+    sc.start_again();
     let mut c = sc.client("default");
     assert_eq!(c.read(0, 4096).unwrap().unwrap(), pattern(0, 5));
     c.disconnect();
@@ -529,9 +534,9 @@ fn key_registry_survives_crash_at_each_write_step() {
     let (freg, ftmp) = registry_paths(&fresh);
     let fgood = std::fs::read(&freg).unwrap();
     std::fs::remove_file(&freg).unwrap();
-    let _ = std::fs::remove_dir_all(fresh.data_dir.join("exports"));
+    let _ = std::fs::remove_dir_all(fresh.data_dir().join("exports"));
     write_mode(&ftmp, &fgood[..fgood.len() / 3], 0o600);
-    fresh.spawn();
+    fresh.start_again();
     fresh.assert_serves("default", 0);
     assert!(freg.exists());
 }

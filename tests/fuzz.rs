@@ -9,19 +9,19 @@
 //! `FUZZ_STREAM_CASES` (default 150 connections); `scripts/fuzz-long.sh` runs
 //! them with large counts. Failures print a minimized input and the seed.
 
-mod hardening_common;
+mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use common::{Rng, Sidecar};
 use ear_sidecar::protocol::{
     self, consts::*, ClientOption, ExportLimits, InfoRequest, MetaContextRequest, OptionError,
     OptionHeader, ProtocolError, RawRequest, RequestKind, MAX_OPTION_LEN,
 };
 use ear_sidecar::store::format::{Header, Slot, HEADER_BODY, MAX_EXPORT_SIZE, SLOT_SIZE};
-use hardening_common::{Rng, Sidecar};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
@@ -403,7 +403,7 @@ fn valid_transcript(rng: &mut Rng) -> Vec<u8> {
             &RawRequest {
                 flags,
                 command: cmd,
-                cookie: rng.next(),
+                cookie: rng.next_u64(),
                 offset,
                 length,
             },
@@ -435,7 +435,7 @@ fn mutate(rng: &mut Rng, mut v: Vec<u8>) -> Vec<u8> {
             for _ in 0..1 + rng.below(8) {
                 if !v.is_empty() {
                     let i = rng.below(v.len() as u64) as usize;
-                    v[i] = rng.next() as u8;
+                    v[i] = rng.next_u64() as u8;
                 }
             }
             v
@@ -485,7 +485,7 @@ fn fuzz_live_byte_stream() {
     for i in 0..n {
         let t = valid_transcript(&mut rng);
         let bytes = mutate(&mut rng, t);
-        let mut s = UnixStream::connect(&sc.socket).expect("connect");
+        let mut s = UnixStream::connect(sc.socket()).expect("connect");
         s.set_read_timeout(Some(Duration::from_millis(300)))
             .unwrap();
         s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -502,7 +502,11 @@ fn fuzz_live_byte_stream() {
         }
         drop(s);
         if i % 25 == 24 {
-            assert!(sc.alive(), "server died at case {i}; log:\n{}", sc.log());
+            assert!(
+                sc.is_running(),
+                "server died at case {i}; log:\n{}",
+                sc.all_logs()
+            );
             let mut c = sc.client("default");
             assert_eq!(
                 c.read(0, 1 << 20).unwrap().unwrap(),
@@ -511,12 +515,12 @@ fn fuzz_live_byte_stream() {
             );
         }
     }
-    assert!(sc.alive(), "server died; log:\n{}", sc.log());
+    assert!(sc.is_running(), "server died; log:\n{}", sc.all_logs());
     let mut c = sc.client("default");
     assert_eq!(c.read(0, 1 << 20).unwrap().unwrap(), good);
     c.disconnect();
     sc.assert_serves("default", 2 << 20);
-    let log = sc.log();
+    let log = sc.all_logs();
     assert!(!log.contains("panicked"), "panic in server log:\n{log}");
     eprintln!(
         "fuzz_live_byte_stream: {n} connections, {replies} reply bytes, RSS {} KiB",

@@ -6,7 +6,7 @@
 //! allowlist. After every abuse the process must be alive, its RSS bounded, and
 //! a good client (our own and qemu-io) must still be served correctly.
 
-mod hardening_common;
+mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
@@ -16,8 +16,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use ear_sidecar::protocol::{self, consts::*, InfoRequest};
-use hardening_common::{pattern, pattern_gen, raise_nofile, Client, Rng, Sidecar};
+use common::{pattern, pattern_gen, raise_nofile, Client, Rng, Sidecar};
+use ear_sidecar::protocol::{self, consts::*};
 
 /// RSS bound for the server after any abuse (memory stays bounded).
 const RSS_BOUND_KIB: u64 = 200 * 1024;
@@ -49,25 +49,12 @@ fn expect_closed(s: &mut UnixStream, secs: u64) -> Vec<u8> {
 
 /// Connects and reads the 18-byte greeting.
 fn greeted(sc: &Sidecar) -> UnixStream {
-    let mut s = UnixStream::connect(&sc.socket).unwrap();
+    let mut s = UnixStream::connect(sc.socket()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut g = [0u8; GREETING_LEN];
     s.read_exact(&mut g).unwrap();
     protocol::parse_greeting(&g).unwrap();
     s
-}
-
-fn go_bytes(export: &str) -> Vec<u8> {
-    let mut b = BytesMut::new();
-    protocol::encode_client_flags(&mut b, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
-    let mut d = BytesMut::new();
-    InfoRequest {
-        name: export.into(),
-        info_types: vec![],
-    }
-    .encode(&mut d);
-    protocol::encode_option(&mut b, NBD_OPT_GO, &d);
-    b.to_vec()
 }
 
 #[test]
@@ -79,7 +66,7 @@ fn random_bytes_and_wrong_magics() {
 
     // 1. Pure noise from the first byte, various lengths; some never close.
     for i in 0..60 {
-        let mut s = UnixStream::connect(&sc.socket).unwrap();
+        let mut s = UnixStream::connect(sc.socket()).unwrap();
         let n = [1usize, 3, 4, 17, 100, 4096, 70_000][i % 7];
         let _ = s.write_all(&rng.bytes(n));
         if i % 3 == 0 {
@@ -95,7 +82,7 @@ fn random_bytes_and_wrong_magics() {
     // 2. Noise after a valid GO, i.e. in the transmission phase.
     for i in 0..40 {
         let mut s = greeted(&sc);
-        s.write_all(&go_bytes("default")).unwrap();
+        s.write_all(&common::client::go_request("default")).unwrap();
         let _ = i;
         let n = 1 + rng.below(10_000) as usize;
         let _ = s.write_all(&rng.bytes(n));
@@ -125,7 +112,7 @@ fn random_bytes_and_wrong_magics() {
             v
         }),
         ("bad request magic", {
-            let mut v = go_bytes("default");
+            let mut v = common::client::go_request("default");
             let mut req = vec![0xde, 0xad, 0xbe, 0xef];
             req.extend_from_slice(&[0u8; 24]);
             v.extend_from_slice(&req);
@@ -149,7 +136,7 @@ fn random_bytes_and_wrong_magics() {
     sc.assert_serves("default", 1 << 20);
     assert_rss_bounded(&sc, "random bytes");
     eprintln!("RSS before {before} KiB");
-    assert!(!sc.log().contains("panicked"), "{}", sc.log());
+    assert!(!sc.all_logs().contains("panicked"), "{}", sc.all_logs());
 }
 
 #[test]
@@ -266,7 +253,7 @@ fn half_closed_and_stalled_clients() {
     // 2. Half-close mid-header and mid-option.
     for cut in [5usize, 20] {
         let mut s = greeted(&sc);
-        let go = go_bytes("default");
+        let go = common::client::go_request("default");
         s.write_all(&go[..cut]).unwrap();
         s.shutdown(Shutdown::Write).unwrap();
         expect_closed(&mut s, 10);
@@ -325,9 +312,10 @@ fn half_closed_and_stalled_clients() {
             .unwrap();
         stalled.push(c.s);
         let mut s = greeted(&sc);
-        s.write_all(&go_bytes("default")[..10]).unwrap();
+        s.write_all(&common::client::go_request("default")[..10])
+            .unwrap();
         stalled.push(s);
-        stalled.push(UnixStream::connect(&sc.socket).unwrap());
+        stalled.push(UnixStream::connect(sc.socket()).unwrap());
     }
     let t = Instant::now();
     sc.assert_serves("default", 4 << 20);
@@ -355,7 +343,7 @@ fn thousand_idle_connections_against_limit() {
     let base_fds = sc.fd_count();
     let mut idle = Vec::new();
     for _ in 0..1000 {
-        match UnixStream::connect(&sc.socket) {
+        match UnixStream::connect(sc.socket()) {
             Ok(s) => idle.push(s),
             Err(e) => panic!("connect failed after {} connections: {e}", idle.len()),
         }
@@ -386,21 +374,21 @@ fn thousand_idle_connections_against_limit() {
         sc.fd_count()
     );
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !sc.log().contains("connection limit reached") {
+    while !sc.all_logs().contains("connection limit reached") {
         assert!(
             Instant::now() < deadline,
             "no 'connection limit reached' log:\n{}",
-            sc.log()
+            sc.all_logs()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(sc.alive());
+    assert!(sc.is_running());
     assert_rss_bounded(&sc, "1000 idle");
     drop(idle);
     // Once the idle ones close, a good client is served again.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(mut c) = Client::connect(&sc.socket, "default") {
+        if let Ok(mut c) = Client::connect(&sc.socket(), "default") {
             if c.read(0, 4096).map(|r| r.is_ok()).unwrap_or(false) {
                 break;
             }
@@ -479,9 +467,9 @@ fn disconnect_with_requests_in_flight() {
         drop(c); // vanish with the rest in flight
         std::thread::sleep(Duration::from_millis(200));
         assert!(
-            sc.alive(),
+            sc.is_running(),
             "died after abrupt disconnect; log:\n{}",
-            sc.log()
+            sc.all_logs()
         );
         let in_flight: std::collections::HashSet<u64> =
             cookie_to_extent.values().copied().collect();
@@ -554,7 +542,7 @@ fn unread_replies_do_not_grow_memory() {
     sc.assert_serves("default", 40 << 20);
     drop(c);
     std::thread::sleep(Duration::from_millis(500));
-    assert!(sc.alive());
+    assert!(sc.is_running());
     assert!(
         during < RSS_BOUND_KIB,
         "server buffered unread replies: RSS {during} KiB (bound {RSS_BOUND_KIB} KiB)"
@@ -602,14 +590,14 @@ fn connect_as_nobody(socket: &std::path::Path) -> String {
 fn socket_mode_and_peer_uid_allowlist() {
     // Default mode is 0600.
     let sc = Sidecar::start(&["--export", "default=16M"]);
-    let mode = std::fs::metadata(&sc.socket).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(sc.socket()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "default socket mode {mode:o}");
-    if !hardening_common::is_root() {
+    if !common::is_root() {
         eprintln!("SKIP second-uid checks: tests are not running as root (cannot switch uid)");
         return;
     }
-    std::fs::set_permissions(&sc.root, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let v = connect_as_nobody(&sc.socket);
+    std::fs::set_permissions(sc.root(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let v = connect_as_nobody(&sc.socket());
     assert_eq!(
         v, "CONNECT_ERR PermissionError",
         "uid 65534 on a 0600 socket: {v}"
@@ -618,8 +606,8 @@ fn socket_mode_and_peer_uid_allowlist() {
 
     // Positive control: mode 0666 without an allowlist lets uid 65534 in.
     let sc = Sidecar::start(&["--export", "default=16M", "--socket-mode", "0666"]);
-    std::fs::set_permissions(&sc.root, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let v = connect_as_nobody(&sc.socket);
+    std::fs::set_permissions(sc.root(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let v = connect_as_nobody(&sc.socket());
     assert_eq!(v, format!("GOT {:016x}", NBD_MAGIC), "control: {v}");
     drop(sc);
 
@@ -632,18 +620,18 @@ fn socket_mode_and_peer_uid_allowlist() {
         "--allow-uid",
         "0",
     ]);
-    std::fs::set_permissions(&sc.root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(sc.root(), std::fs::Permissions::from_mode(0o755)).unwrap();
     for _ in 0..3 {
-        let v = connect_as_nobody(&sc.socket);
+        let v = connect_as_nobody(&sc.socket());
         assert!(
             v == "GOT" || v == "RECV_ERR ConnectionResetError",
             "uid 65534 not refused: {v}"
         );
     }
     assert!(
-        sc.log().contains("peer uid not in --allow-uid"),
+        sc.all_logs().contains("peer uid not in --allow-uid"),
         "{}",
-        sc.log()
+        sc.all_logs()
     );
     sc.assert_serves("default", 0);
 }

@@ -6,31 +6,24 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 
-use std::process::Command;
-
-use common::{qemu_io, require_tool, run, Output, Sidecar};
-
-/// qemu-io without asserting success (for reads expected to fail).
-fn qemu_io_any(uri: &str, cmds: &[&str]) -> Output {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw", uri]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    run(&mut c)
-}
+use common::{qemu_io, qemu_io_output, require_tool, Sidecar};
 
 /// Block 3's slot 0 (it was written once) and data offsets per doc/FORMAT.md.
 const SLOT3: u64 = 8192 + 3 * 128;
 const DATA3: u64 = 8192 + 32768 + 3 * 4096;
 
-/// Recomputes slot 0's XXH3-64 check of block 3 over the data now on disk.
-fn fix_check(path: &std::path::Path) {
-    let f = std::fs::OpenOptions::new()
+/// The backing file at `path`, open for reading and writing.
+fn open_rw(path: &std::path::Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
-        .unwrap();
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// Recomputes slot 0's XXH3-64 check of block 3 over the data now on disk.
+fn fix_check(path: &std::path::Path) {
+    let f = open_rw(path);
     let mut slot = [0u8; 64];
     f.read_exact_at(&mut slot, SLOT3).unwrap();
     let mut data = vec![0u8; 4096];
@@ -45,11 +38,7 @@ fn fix_check(path: &std::path::Path) {
 
 /// Flips bit 7 of byte 100 of block 3's stored data.
 fn flip_bit(path: &std::path::Path) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
+    let f = open_rw(path);
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, DATA3 + 100).unwrap();
     f.write_all_at(&[b[0] ^ 0x80], DATA3 + 100).unwrap();
@@ -82,7 +71,7 @@ fn tampered_block_reads_as_eio_with_integrity_on() {
     fix_check(&path);
 
     s.start_again();
-    let bad = qemu_io_any(&uri, &["read -P 0x5a 12k 4k"]);
+    let bad = qemu_io_output(&uri, &["read -P 0x5a 12k 4k"]);
     assert!(
         bad.both().contains("Input/output error"),
         "tampered block must fail with EIO: {}",

@@ -53,11 +53,46 @@ fn ctx(dir: &str) -> EncryptionContext {
     ])
 }
 
+/// Starts the master-key watch over `ring` (check every 200 ms, 1 s grace).
+/// Dropping the sender stops it; await the handle to join it.
+fn watch(
+    p: &Arc<dyn KeyProvider>,
+    ring: &Arc<KeyRing>,
+) -> (
+    Arc<RevocationState>,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let state = Arc::new(RevocationState::new());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(watch_master_key(
+        p.clone(),
+        ring.clone(),
+        Duration::from_millis(200),
+        Duration::from_secs(1),
+        state.clone(),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    (state, tx, task)
+}
+
 fn failed(r: &ear_sidecar::keys::aws::ValidationReport, name: &str) -> String {
     match r.outcome(name) {
         Some(CheckOutcome::Failed(m)) => m.clone(),
         other => panic!("check {name:?} should have failed, got {other:?}\n{r}"),
     }
+}
+
+/// Validates `arn` and asserts the report fails, with check `name` failing
+/// for a reason that mentions `why`.
+async fn assert_validation_fails(moto: &Moto, arn: &str, name: &str, why: &str) {
+    let r = validate_key(&opts(moto, arn)).await;
+    eprintln!("{r}");
+    let m = failed(&r, name);
+    assert!(m.contains(why), "{m}");
+    assert!(!r.is_ok());
 }
 
 #[tokio::test]
@@ -184,39 +219,22 @@ async fn validate_malformed_and_alias_arn() {
 async fn validate_rsa_key() {
     let moto = moto_or_skip!();
     let arn = moto.create_key(KeySpec::Rsa2048, false).await;
-    let r = validate_key(&opts(&moto, &arn)).await;
-    eprintln!("{r}");
-    let m = failed(&r, "KeySpec SYMMETRIC_DEFAULT");
-    assert!(m.contains("RSA_2048"), "{m}");
-    assert!(!r.is_ok());
+    assert_validation_fails(&moto, &arn, "KeySpec SYMMETRIC_DEFAULT", "RSA_2048").await;
 }
 
 #[tokio::test]
 async fn validate_multi_region_key() {
     let moto = moto_or_skip!();
     let arn = moto.create_key(KeySpec::SymmetricDefault, true).await;
-    let r = validate_key(&opts(&moto, &arn)).await;
-    eprintln!("{r}");
-    let m = failed(&r, "single-region key");
-    assert!(m.contains("multi-region"), "{m}");
-    assert!(!r.is_ok());
+    assert_validation_fails(&moto, &arn, "single-region key", "multi-region").await;
 }
 
 #[tokio::test]
 async fn validate_disabled_key() {
     let moto = moto_or_skip!();
     let arn = moto.create_key(KeySpec::SymmetricDefault, false).await;
-    moto.admin_client()
-        .disable_key()
-        .key_id(kid(&arn))
-        .send()
-        .await
-        .expect("DisableKey");
-    let r = validate_key(&opts(&moto, &arn)).await;
-    eprintln!("{r}");
-    let m = failed(&r, "KeyState Enabled");
-    assert!(m.contains("Disabled"), "{m}");
-    assert!(!r.is_ok());
+    moto.set_enabled(&arn, false).await;
+    assert_validation_fails(&moto, &arn, "KeyState Enabled", "Disabled").await;
 }
 
 #[tokio::test]
@@ -227,22 +245,12 @@ async fn key_state_follows_disable_enable_and_deletion() {
     let admin = moto.admin_client();
     assert_eq!(p.master_key_state().await.unwrap(), MasterKeyState::Enabled);
 
-    admin
-        .disable_key()
-        .key_id(kid(&arn))
-        .send()
-        .await
-        .expect("DisableKey");
+    moto.set_enabled(&arn, false).await;
     match p.master_key_state().await.unwrap() {
         MasterKeyState::Revoked(r) => assert!(r.contains("Disabled"), "{r}"),
         other => panic!("{other:?}"),
     }
-    admin
-        .enable_key()
-        .key_id(kid(&arn))
-        .send()
-        .await
-        .expect("EnableKey");
+    moto.set_enabled(&arn, true).await;
     assert_eq!(p.master_key_state().await.unwrap(), MasterKeyState::Enabled);
 
     admin
@@ -261,7 +269,6 @@ async fn key_state_follows_disable_enable_and_deletion() {
 #[tokio::test]
 async fn watcher_fails_closed_on_disable_and_survives_outage() {
     let mut moto = moto_or_skip!();
-    let admin = moto.admin_client();
     let arn = moto.create_key(KeySpec::SymmetricDefault, false).await;
     let p: Arc<dyn KeyProvider> = Arc::new(provider(&moto, &arn).await);
     let c = ctx("dir");
@@ -270,26 +277,10 @@ async fn watcher_fails_closed_on_disable_and_survives_outage() {
 
     // 1. Disabled while running: fails closed after the grace period.
     let ring = Arc::new(KeyRing::new(BTreeMap::from([(1, key.duplicate())]), 1, 16).unwrap());
-    let state = Arc::new(RevocationState::new());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(watch_master_key(
-        p.clone(),
-        ring.clone(),
-        Duration::from_millis(200),
-        Duration::from_secs(1),
-        state.clone(),
-        async move {
-            let _ = rx.await;
-        },
-    ));
+    let (state, tx, task) = watch(&p, &ring);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(state.snapshot().health, MasterKeyHealth::Ok);
-    admin
-        .disable_key()
-        .key_id(kid(&arn))
-        .send()
-        .await
-        .expect("DisableKey");
+    moto.set_enabled(&arn, false).await;
     let t = Instant::now();
     while !ring.is_failed_closed() && t.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -304,29 +295,13 @@ async fn watcher_fails_closed_on_disable_and_survives_outage() {
     task.await.unwrap();
 
     // 2. Re-enable, "restart": a new ring; then KMS stops: still serving.
-    admin
-        .enable_key()
-        .key_id(kid(&arn))
-        .send()
-        .await
-        .expect("EnableKey");
+    moto.set_enabled(&arn, true).await;
     let key = p
         .unwrap(&wrapped, &c)
         .await
         .expect("unwrap after re-enable");
     let ring = Arc::new(KeyRing::new(BTreeMap::from([(1, key)]), 1, 16).unwrap());
-    let state = Arc::new(RevocationState::new());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(watch_master_key(
-        p.clone(),
-        ring.clone(),
-        Duration::from_millis(200),
-        Duration::from_secs(1),
-        state.clone(),
-        async move {
-            let _ = rx.await;
-        },
-    ));
+    let (state, tx, task) = watch(&p, &ring);
     tokio::time::sleep(Duration::from_millis(300)).await;
     moto.stop();
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -9,18 +9,17 @@
 //! Needs `qemu-io` and `moto_server` on PATH (fails with a clear message when
 //! either is missing; `EAR_SKIP_MOTO=1` skips, as in `tests/kms_aws.rs`).
 
+mod common;
 #[path = "common/moto.rs"]
 mod moto;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aws_sdk_kms::types::KeySpec;
 
-use moto::{free_port, kid, Moto};
-
-const BIN: &str = env!("CARGO_BIN_EXE_ear-sidecar");
+use common::{qemu_io_output, run, sidecar_bin, Output, Sidecar};
+use moto::{free_port, Moto};
 
 macro_rules! moto_or_skip {
     () => {
@@ -44,196 +43,66 @@ fn create_key(moto: &Moto, spec: KeySpec, multi_region: bool) -> String {
 }
 
 fn set_enabled(moto: &Moto, arn: &str, enabled: bool) {
-    block_on(async {
-        let c = moto.admin_client();
-        if enabled {
-            c.enable_key()
-                .key_id(kid(arn))
-                .send()
-                .await
-                .expect("EnableKey");
-        } else {
-            c.disable_key()
-                .key_id(kid(arn))
-                .send()
-                .await
-                .expect("DisableKey");
-        }
-    })
+    block_on(moto.set_enabled(arn, enabled))
 }
 
-fn require_qemu_io() {
-    let ok = Command::new("qemu-io")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "qemu-io is not installed: install qemu-utils (Debian/Ubuntu: apt-get install qemu-utils) \
-         to run the end-to-end tests"
-    );
+/// The environment of every child: fake credentials, KMS at `endpoint`
+/// (moto's, or any URL), no AWS profile or endpoint from the developer's
+/// shell. `None` removes the variable.
+fn aws_env(endpoint: &str) -> [(&'static str, Option<String>); 9] {
+    [
+        ("AWS_ACCESS_KEY_ID", Some("testing".into())),
+        ("AWS_SECRET_ACCESS_KEY", Some("testing".into())),
+        ("AWS_SESSION_TOKEN", Some("testing".into())),
+        ("AWS_REGION", Some(moto::REGION.into())),
+        ("AWS_ENDPOINT_URL_KMS", Some(endpoint.into())),
+        ("AWS_EC2_METADATA_DISABLED", Some("true".into())),
+        ("AWS_PROFILE", None),
+        ("AWS_ENDPOINT_URL", None),
+        ("RUST_LOG", None),
+    ]
 }
 
-/// Environment for the child: fake credentials, moto's endpoint (or any URL).
-fn aws_env(cmd: &mut Command, endpoint: &str) {
-    cmd.env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_SESSION_TOKEN", "testing")
-        .env("AWS_REGION", moto::REGION)
-        .env("AWS_ENDPOINT_URL_KMS", endpoint)
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env_remove("AWS_PROFILE")
-        .env_remove("AWS_ENDPOINT_URL")
-        .env_remove("RUST_LOG")
-        .env("NO_COLOR", "1");
-    for k in [
-        "EAR_DATA_DIR",
-        "EAR_SOCKET",
-        "EAR_KMS",
-        "EAR_KMS_KEY_ID",
-        "EAR_KMS_ENDPOINT",
-        "EAR_KMS_REGION",
-        "EAR_CONFIG",
-    ] {
-        cmd.env_remove(k);
+/// A stopped sidecar on a fresh directory, using KMS at `endpoint`.
+fn sidecar(endpoint: &str) -> Sidecar {
+    let mut s = Sidecar::new_stopped(&[]);
+    for (k, v) in aws_env(endpoint) {
+        s.set_env(k, v.as_deref());
     }
+    s
 }
 
-/// A temp data dir + socket path for one sidecar.
-struct Dirs {
-    _tmp: tempfile::TempDir,
-    data: PathBuf,
-    sock: PathBuf,
-    logs: PathBuf,
+/// Arguments of a start under CMK `arn` (JSON logs, a 16 MiB default
+/// export), with its own metrics port: tests run in parallel.
+fn set_args(s: &mut Sidecar, arn: &str, extra: &[&str]) {
+    let mut args = vec!["--kms", "aws", "--kms-key-id", arn];
+    args.extend(["--export", "default=16M", "--log-format", "json"]);
+    args.extend(extra);
+    s.set_args(&args);
+    s.set_metrics_addr(&format!("127.0.0.1:{}", free_port()));
 }
 
-fn dirs() -> Dirs {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let data = tmp.path().join("data");
-    let sock = tmp.path().join("nbd.sock");
-    let logs = tmp.path().join("logs");
-    std::fs::create_dir(&logs).expect("logs dir");
-    Dirs {
-        _tmp: tmp,
-        data,
-        sock,
-        logs,
-    }
-}
-
-/// A running sidecar; killed on drop if still running.
-struct Sidecar {
-    child: Child,
-    log: PathBuf,
-    /// Port of its metrics/health listener on 127.0.0.1.
-    metrics_port: u16,
-}
-
-impl Sidecar {
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then wait (bounded) for a clean exit.
-    fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        let st = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("run kill");
-        assert!(st.success(), "kill -TERM {pid} failed");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                assert!(
-                    status.success(),
-                    "sidecar exited with {status} on SIGTERM; log:\n{}",
-                    self.log_text()
-                );
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sidecar did not stop within 20 s of SIGTERM; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve_cmd(d: &Dirs, endpoint: &str, arn: &str, extra: &[&str]) -> (Command, PathBuf, u16) {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let log = d.logs.join(format!("sidecar-{n}.log"));
-    // Tests run in parallel: every sidecar gets its own metrics port.
-    let metrics_port = free_port();
-    let mut cmd = Command::new(BIN);
-    cmd.arg("serve")
-        .arg("--data-dir")
-        .arg(&d.data)
-        .arg("--socket")
-        .arg(&d.sock)
-        .args(["--kms", "aws", "--kms-key-id", arn])
-        .args(["--export", "default=16M", "--log-format", "json"])
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{metrics_port}"))
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"));
-    aws_env(&mut cmd, endpoint);
-    (cmd, log, metrics_port)
-}
-
-/// Starts the sidecar and waits until its socket accepts connections.
-fn start(d: &Dirs, endpoint: &str, arn: &str, extra: &[&str]) -> Sidecar {
-    let (mut cmd, log, metrics_port) = serve_cmd(d, endpoint, arn, extra);
-    let child = cmd.spawn().expect("spawn ear-sidecar");
-    let mut s = Sidecar {
-        child,
-        log,
-        metrics_port,
-    };
+/// Starts the sidecar and waits until it serves and has logged "listening".
+fn start(s: &mut Sidecar, arn: &str, extra: &[&str]) {
+    set_args(s, arn, extra);
+    s.start_again();
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if std::os::unix::net::UnixStream::connect(&d.sock).is_ok()
-            && s.log_text().contains("\"listening\"")
-        {
-            return s;
-        }
-        if let Some(status) = s.child.try_wait().expect("try_wait") {
-            panic!(
-                "sidecar exited during start-up with {status}; log:\n{}",
-                s.log_text()
-            );
-        }
+    while !s.log().contains("\"listening\"") {
         assert!(
             Instant::now() < deadline,
-            "sidecar did not listen within 20 s; log:\n{}",
-            s.log_text()
+            "sidecar did not log \"listening\" within 20 s; log:\n{}",
+            s.log()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 /// Runs the sidecar expecting start-up to fail; returns (stderr, elapsed).
-fn start_fails(d: &Dirs, endpoint: &str, arn: &str, extra: &[&str]) -> (String, Duration) {
-    let (mut cmd, log, _) = serve_cmd(d, endpoint, arn, extra);
+fn start_fails(s: &mut Sidecar, arn: &str, extra: &[&str]) -> (String, Duration) {
+    set_args(s, arn, extra);
     let t = Instant::now();
-    let status = cmd.status().expect("run ear-sidecar");
+    let (status, text) = s.start_expect_failure();
     let elapsed = t.elapsed();
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         !status.success(),
         "start-up should have failed; log:\n{text}"
@@ -241,41 +110,23 @@ fn start_fails(d: &Dirs, endpoint: &str, arn: &str, extra: &[&str]) -> (String, 
     (text, elapsed)
 }
 
-fn qemu_io(sock: &Path, cmd: &str) -> Output {
-    Command::new("qemu-io")
-        .args(["-f", "raw"])
-        .arg(format!("nbd+unix:///default?socket={}", sock.display()))
-        .args(["-c", cmd])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run qemu-io")
-}
-
-fn out_text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// Asserts a qemu-io command succeeded (exit 0, no error or pattern mismatch).
-fn io_ok(sock: &Path, cmd: &str, s: &Sidecar) {
-    let o = qemu_io(sock, cmd);
-    let text = out_text(&o);
+/// Asserts a qemu-io command on the default export succeeded, with the
+/// sidecar log on failure.
+fn io_ok(s: &Sidecar, cmd: &str) {
+    let o = qemu_io_output(&s.uri("default"), &[cmd]);
+    let text = o.both();
     let lower = text.to_lowercase();
     assert!(
         o.status.success() && !lower.contains("error") && !lower.contains("fail"),
         "qemu-io {cmd:?} failed: {text}\nsidecar log:\n{}",
-        s.log_text()
+        s.log()
     );
 }
 
 /// The HTTP status line of `GET path` on the sidecar's metrics listener.
 fn http_status(s: &Sidecar, path: &str) -> String {
     use std::io::{Read, Write};
-    let mut c =
-        std::net::TcpStream::connect(("127.0.0.1", s.metrics_port)).expect("connect metrics");
+    let mut c = std::net::TcpStream::connect(s.metrics_addr()).expect("connect metrics");
     c.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
     write!(c, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").expect("send");
@@ -284,16 +135,20 @@ fn http_status(s: &Sidecar, path: &str) -> String {
     resp.lines().next().unwrap_or_default().to_string()
 }
 
-fn registry_exists(d: &Dirs) -> bool {
-    d.data.join("keys.json").exists()
+fn registry_exists(s: &Sidecar) -> bool {
+    s.data_dir().join("keys.json").exists()
 }
 
 fn validate_key(endpoint: &str, arn: &str) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["validate-key", "--kms-key-id", arn])
-        .stdin(Stdio::null());
-    aws_env(&mut cmd, endpoint);
-    cmd.output().expect("run validate-key")
+    let mut cmd = Command::new(sidecar_bin());
+    cmd.args(["validate-key", "--kms-key-id", arn]);
+    for (k, v) in aws_env(endpoint) {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    run(&mut cmd)
 }
 
 /// The `elapsed_ms` of the "universe keys unwrapped into memory" log line.
@@ -306,60 +161,57 @@ fn unwrap_ms(log: &str) -> Option<u64> {
 
 #[test]
 fn happy_path_restart_status_validate_and_other_cmk_refused() {
-    require_qemu_io();
+    common::require_tool("qemu-io");
     let moto = moto_or_skip!();
     let arn = create_key(&moto, KeySpec::SymmetricDefault, false);
-    let d = dirs();
+    let mut s = sidecar(&moto.endpoint);
 
     // validate-key: exit 0 and one line per check.
     let v = validate_key(&moto.endpoint, &arn);
-    let vt = out_text(&v);
+    let vt = v.both();
     assert!(v.status.success(), "validate-key should pass: {vt}");
     assert_eq!(vt.matches("  ok    ").count(), 10, "{vt}");
 
-    let s = start(&d, &moto.endpoint, &arn, &[]);
-    assert!(registry_exists(&d));
-    let log = s.log_text();
+    start(&mut s, &arn, &[]);
+    assert!(registry_exists(&s));
+    let log = s.log();
     assert!(
         log.contains("AWS KMS key passed all validation checks"),
         "{log}"
     );
-    io_ok(&d.sock, "write -P 0xab 0 1M", &s);
-    io_ok(&d.sock, "read -P 0xab 0 1M", &s);
+    io_ok(&s, "write -P 0xab 0 1M");
+    io_ok(&s, "read -P 0xab 0 1M");
     s.stop();
 
     // The registry holds the ARN and a KMS blob, never a raw key.
-    let reg = std::fs::read_to_string(d.data.join("keys.json")).expect("keys.json");
+    let reg = std::fs::read_to_string(s.data_dir().join("keys.json")).expect("keys.json");
     assert!(reg.contains(&arn), "{reg}");
 
-    let s = start(&d, &moto.endpoint, &arn, &[]);
-    let ms = unwrap_ms(&s.log_text()).expect("unwrap elapsed_ms logged");
+    start(&mut s, &arn, &[]);
+    let ms = unwrap_ms(&s.log()).expect("unwrap elapsed_ms logged");
     eprintln!("start-up unwrap latency against moto: {ms} ms");
-    io_ok(&d.sock, "read -P 0xab 0 1M", &s);
+    io_ok(&s, "read -P 0xab 0 1M");
     s.stop();
 
     // status: provider aws, master key = the ARN.
-    let st = Command::new(BIN)
-        .args(["status", "--json", "--data-dir"])
-        .arg(&d.data)
-        .output()
-        .expect("status");
-    assert!(st.status.success(), "{}", out_text(&st));
-    let v: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status json");
+    let d = s.data_dir().display().to_string();
+    let st = s.run_cli(&["status", "--json", "--data-dir", &d]);
+    assert!(st.status.success(), "{}", st.both());
+    let v: serde_json::Value = serde_json::from_str(&st.stdout).expect("status json");
     assert_eq!(v["provider"], "aws");
     assert_eq!(v["master_key_id"], arn.as_str());
 
     // A different CMK is refused on this directory.
     let other = create_key(&moto, KeySpec::SymmetricDefault, false);
-    let (text, _) = start_fails(&d, &moto.endpoint, &other, &[]);
+    let (text, _) = start_fails(&mut s, &other, &[]);
     assert!(
         text.contains(&format!("is encrypted under master key {arn}"))
             && text.contains(&format!("refusing to start with {other}")),
         "{text}"
     );
     // …and the data is still readable with the right one.
-    let s = start(&d, &moto.endpoint, &arn, &[]);
-    io_ok(&d.sock, "read -P 0xab 0 1M", &s);
+    start(&mut s, &arn, &[]);
+    io_ok(&s, "read -P 0xab 0 1M");
     s.stop();
 }
 
@@ -387,18 +239,18 @@ fn bad_keys_refuse_to_initialise_a_new_directory() {
         ),
     ];
     for (what, arn, expect) in cases {
-        let d = dirs();
-        let (text, _) = start_fails(&d, &moto.endpoint, arn, &[]);
+        let mut s = sidecar(&moto.endpoint);
+        let (text, _) = start_fails(&mut s, arn, &[]);
         assert!(
             text.contains(expect),
             "{what}: expected {expect:?} in:\n{text}"
         );
         assert!(
-            !registry_exists(&d),
+            !registry_exists(&s),
             "{what}: the data directory must not be initialised"
         );
         let v = validate_key(&moto.endpoint, arn);
-        let vt = out_text(&v);
+        let vt = v.both();
         assert!(!v.status.success(), "{what}: validate-key must fail: {vt}");
         assert!(vt.contains(expect), "{what}: validate-key output:\n{vt}");
         assert!(vt.contains("the key is NOT usable"), "{vt}");
@@ -413,8 +265,8 @@ fn kms_down_at_startup_fails_in_bounded_time() {
         "arn:aws:kms:{}:123456789012:key/11111111-1111-1111-1111-111111111111",
         moto::REGION
     );
-    let d = dirs();
-    let (text, elapsed) = start_fails(&d, &endpoint, &arn, &["--kms-startup-timeout", "3s"]);
+    let mut s = sidecar(&endpoint);
+    let (text, elapsed) = start_fails(&mut s, &arn, &["--kms-startup-timeout", "3s"]);
     eprintln!("new directory, KMS down, --kms-startup-timeout 3s: failed after {elapsed:?}");
     assert!(
         text.contains(&format!("AWS KMS at {endpoint} unreachable")),
@@ -425,29 +277,29 @@ fn kms_down_at_startup_fails_in_bounded_time() {
         elapsed >= Duration::from_secs(2) && elapsed < Duration::from_secs(10),
         "should give up after about 3 s, took {elapsed:?}"
     );
-    assert!(!registry_exists(&d));
+    assert!(!registry_exists(&s));
 
     // validate-key against a dead KMS exits non-zero too.
     let v = validate_key(&endpoint, &arn);
-    assert!(!v.status.success(), "{}", out_text(&v));
+    assert!(!v.status.success(), "{}", v.both());
 }
 
 #[test]
 fn kms_outage_after_startup_keeps_serving_and_restart_fails_in_bounded_time() {
-    require_qemu_io();
+    common::require_tool("qemu-io");
     let mut moto = moto_or_skip!();
     let arn = create_key(&moto, KeySpec::SymmetricDefault, false);
-    let d = dirs();
-    let s = start(&d, &moto.endpoint, &arn, &["--kms-check-interval", "1s"]);
-    io_ok(&d.sock, "write -P 0x5a 0 1M", &s);
+    let mut s = sidecar(&moto.endpoint);
+    start(&mut s, &arn, &["--kms-check-interval", "1s"]);
+    io_ok(&s, "write -P 0x5a 0 1M");
 
     moto.stop();
     // Several failed key checks later, still serving reads and writes.
     std::thread::sleep(Duration::from_millis(2500));
-    io_ok(&d.sock, "read -P 0x5a 0 1M", &s);
-    io_ok(&d.sock, "write -P 0x17 1M 1M", &s);
-    io_ok(&d.sock, "read -P 0x17 1M 1M", &s);
-    let log = s.log_text();
+    io_ok(&s, "read -P 0x5a 0 1M");
+    io_ok(&s, "write -P 0x17 1M 1M");
+    io_ok(&s, "read -P 0x17 1M 1M");
+    let log = s.log();
     assert!(log.contains("master key check failed"), "{log}");
     assert!(
         !log.contains("FAILED CLOSED"),
@@ -456,7 +308,7 @@ fn kms_outage_after_startup_keeps_serving_and_restart_fails_in_bounded_time() {
     s.stop();
 
     // Restart while KMS is still down: bounded, clear failure.
-    let (text, elapsed) = start_fails(&d, &moto.endpoint, &arn, &["--kms-startup-timeout", "3s"]);
+    let (text, elapsed) = start_fails(&mut s, &arn, &["--kms-startup-timeout", "3s"]);
     eprintln!("existing directory, KMS down, --kms-startup-timeout 3s: failed after {elapsed:?}");
     assert!(
         text.contains(&format!("AWS KMS at {} unreachable", moto.endpoint)),
@@ -467,13 +319,13 @@ fn kms_outage_after_startup_keeps_serving_and_restart_fails_in_bounded_time() {
 
 #[test]
 fn cmk_disabled_while_running_fails_closed_then_recovers() {
-    require_qemu_io();
+    common::require_tool("qemu-io");
     let moto = moto_or_skip!();
     let arn = create_key(&moto, KeySpec::SymmetricDefault, false);
-    let d = dirs();
+    let mut s = sidecar(&moto.endpoint);
     let watch = ["--kms-check-interval", "1s", "--kms-revocation-grace", "2s"];
-    let s = start(&d, &moto.endpoint, &arn, &watch);
-    io_ok(&d.sock, "write -P 0xc3 0 1M", &s);
+    start(&mut s, &arn, &watch);
+    io_ok(&s, "write -P 0xc3 0 1M");
     assert!(
         http_status(&s, "/readyz").contains(" 200"),
         "ready while the key is enabled"
@@ -481,11 +333,11 @@ fn cmk_disabled_while_running_fails_closed_then_recovers() {
 
     set_enabled(&moto, &arn, false);
     let t = Instant::now();
-    while !s.log_text().contains("FAILED CLOSED") {
+    while !s.log().contains("FAILED CLOSED") {
         assert!(
             t.elapsed() < Duration::from_secs(15),
             "did not fail closed within 15 s; log:\n{}",
-            s.log_text()
+            s.log()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -494,7 +346,7 @@ fn cmk_disabled_while_running_fails_closed_then_recovers() {
         t.elapsed() >= Duration::from_secs(2),
         "not before the grace period"
     );
-    let log = s.log_text();
+    let log = s.log();
     assert!(log.contains("Disabled"), "the log must say why:\n{log}");
     assert!(log.contains("not ready"), "{log}");
     let ready = http_status(&s, "/readyz");
@@ -503,24 +355,24 @@ fn cmk_disabled_while_running_fails_closed_then_recovers() {
         "/readyz must fail after failing closed: {ready}"
     );
 
-    let o = qemu_io(&d.sock, "read -P 0xc3 0 1M");
-    let text = out_text(&o);
+    let o = qemu_io_output(&s.uri("default"), &["read -P 0xc3 0 1M"]);
+    let text = o.both();
     assert!(
         text.contains("Input/output error"),
         "reads must fail with EIO after failing closed: {text}"
     );
-    let o = qemu_io(&d.sock, "write -P 0x00 0 4k");
+    let o = qemu_io_output(&s.uri("default"), &["write -P 0x00 0 4k"]);
     assert!(
-        out_text(&o).contains("Input/output error"),
+        o.both().contains("Input/output error"),
         "writes must fail with EIO after failing closed: {}",
-        out_text(&o)
+        o.both()
     );
     s.stop();
 
     // Re-enable and restart: everything is readable again.
     set_enabled(&moto, &arn, true);
-    let s = start(&d, &moto.endpoint, &arn, &watch);
-    io_ok(&d.sock, "read -P 0xc3 0 1M", &s);
+    start(&mut s, &arn, &watch);
+    io_ok(&s, "read -P 0xc3 0 1M");
     s.stop();
 }
 
@@ -528,11 +380,11 @@ fn cmk_disabled_while_running_fails_closed_then_recovers() {
 fn disabled_cmk_on_an_existing_directory_refuses_to_start() {
     let moto = moto_or_skip!();
     let arn = create_key(&moto, KeySpec::SymmetricDefault, false);
-    let d = dirs();
-    let s = start(&d, &moto.endpoint, &arn, &[]);
+    let mut s = sidecar(&moto.endpoint);
+    start(&mut s, &arn, &[]);
     s.stop();
     set_enabled(&moto, &arn, false);
-    let (text, _) = start_fails(&d, &moto.endpoint, &arn, &[]);
+    let (text, _) = start_fails(&mut s, &arn, &[]);
     assert!(
         text.contains("reports master key") && text.contains("Disabled"),
         "{text}"

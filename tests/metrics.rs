@@ -8,13 +8,16 @@
 //! `prometheus`); .ci/run installs them. A missing tool fails the test with a
 //! message saying which package to install.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ear-sidecar");
+use common::{qemu_io, Sidecar};
+
 const MIB: f64 = 1_048_576.0;
 
 fn require(tool: &str, package: &str) {
@@ -110,67 +113,29 @@ fn spawn_logged(mut cmd: Command, log: PathBuf) -> Proc {
     Proc { child, log }
 }
 
-struct Sidecar {
-    proc: Proc,
-    socket: PathBuf,
-    metrics: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
+/// A sidecar with metrics on a free loopback port, a 16 MiB default export
+/// and `extra` arguments, once /readyz answers 200.
 fn sidecar(extra: &[&str]) -> Sidecar {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let socket = dir.path().join("ear.sock");
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let mut cmd = Command::new(BIN);
-    cmd.arg("serve")
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--metrics-addr")
-        .arg(metrics.to_string())
-        .args(["--export", "default=16M"])
-        .args(extra)
-        .env("XDG_CONFIG_HOME", dir.path().join("config"))
-        .env_remove("RUST_LOG");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("EAR_") {
-            cmd.env_remove(k);
-        }
-    }
-    let proc = spawn_logged(cmd, dir.path().join("sidecar.log"));
-    let s = Sidecar {
-        proc,
-        socket,
-        metrics,
-        _dir: dir,
-    };
+    let mut args = vec!["--export", "default=16M"];
+    args.extend(extra);
+    let mut s = Sidecar::new_stopped(&args);
+    s.set_metrics_addr(&format!("127.0.0.1:{}", free_port()));
+    s.start_again();
     let t = Instant::now();
-    while !matches!(http_get(s.metrics, "/readyz"), Ok((200, _))) {
+    while !matches!(http_get(metrics(&s), "/readyz"), Ok((200, _))) {
         assert!(
             t.elapsed() < Duration::from_secs(30),
             "sidecar not ready in 30s; log:\n{}",
-            s.proc.log()
+            s.log()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
     s
 }
 
-fn qemu_io(socket: &Path, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"])
-        .arg(format!("nbd+unix:///default?socket={}", socket.display()));
-    for x in cmds {
-        c.args(["-c", x]);
-    }
-    let out = c.output().expect("run qemu-io");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !stdout.contains("fail") && !stdout.contains("error"),
-        "qemu-io {cmds:?}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// The sidecar's metrics and health address.
+fn metrics(s: &Sidecar) -> SocketAddr {
+    s.metrics_addr().parse().expect("metrics address")
 }
 
 fn scrape(addr: SocketAddr) -> String {
@@ -231,11 +196,11 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> Output {
 fn traffic_moves_the_right_series_and_promtool_accepts_them() {
     require("qemu-io", "qemu-utils");
     let s = sidecar(&[]);
-    let (status, body) = http_get(s.metrics, "/livez").expect("livez");
+    let (status, body) = http_get(metrics(&s), "/livez").expect("livez");
     assert_eq!((status, body.as_str()), (200, "ok\n"));
-    let before = scrape(s.metrics);
-    qemu_io(&s.socket, &["write -P 1 0 1M", "read -P 1 0 1M"]);
-    let after = scrape(s.metrics);
+    let before = scrape(metrics(&s));
+    qemu_io(&s.uri("default"), &["write -P 1 0 1M", "read -P 1 0 1M"]);
+    let after = scrape(metrics(&s));
     let delta = |series: &str| value(&after, series) - value(&before, series);
 
     assert_eq!(
@@ -308,7 +273,7 @@ fn traffic_moves_the_right_series_and_promtool_accepts_them() {
     }
     // The server notices the client's disconnect asynchronously.
     wait_for("ear_open_connections 0", Duration::from_secs(5), || {
-        value(&scrape(s.metrics), "ear_open_connections") == 0.0
+        value(&scrape(metrics(&s)), "ear_open_connections") == 0.0
     });
     assert!(value(&after, "ear_key_derivations_total") >= 1.0);
     // Process metrics, read at scrape time.
@@ -333,8 +298,8 @@ fn traffic_moves_the_right_series_and_promtool_accepts_them() {
     );
 
     // Unknown paths and methods.
-    assert_eq!(http_get(s.metrics, "/nope").map(|r| r.0).ok(), Some(404));
-    let mut c = TcpStream::connect(s.metrics).expect("connect");
+    assert_eq!(http_get(metrics(&s), "/nope").map(|r| r.0).ok(), Some(404));
+    let mut c = TcpStream::connect(metrics(&s)).expect("connect");
     c.write_all(b"POST /metrics HTTP/1.1\r\n\r\n")
         .expect("write");
     let mut r = String::new();
@@ -346,8 +311,8 @@ fn traffic_moves_the_right_series_and_promtool_accepts_them() {
 fn encryption_off_sidecar_reports_build_info_off() {
     require("qemu-io", "qemu-utils");
     let s = sidecar(&["--encryption", "off"]);
-    qemu_io(&s.socket, &["write -P 7 0 64k", "read -P 7 0 64k"]);
-    let m = scrape(s.metrics);
+    qemu_io(&s.uri("default"), &["write -P 7 0 64k", "read -P 7 0 64k"]);
+    let m = scrape(metrics(&s));
     assert_eq!(
         value_with(&m, "ear_build_info", &[("encryption", "off")]),
         Some(1.0)
@@ -374,31 +339,25 @@ fn encryption_off_sidecar_reports_build_info_off() {
 /// does not answer; the sidecar then gives up on its start-up deadline.
 #[test]
 fn livez_answers_and_readyz_refuses_while_starting() {
-    let dir = tempfile::tempdir().expect("temp dir");
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     // A port with nothing listening: every KMS call fails to connect.
     let dead_kms = format!("http://127.0.0.1:{}", free_port());
-    let mut cmd = Command::new(BIN);
-    cmd.arg("serve")
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--socket")
-        .arg(dir.path().join("ear.sock"))
-        .arg("--metrics-addr")
-        .arg(metrics.to_string())
-        .args(["--kms", "aws"])
-        .args([
-            "--kms-key-id",
-            "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
-        ])
-        .args(["--kms-endpoint", &dead_kms])
-        .args(["--kms-startup-timeout", "6s"])
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env_remove("AWS_PROFILE")
-        .env_remove("RUST_LOG");
-    let mut p = spawn_logged(cmd, dir.path().join("sidecar.log"));
+    let mut p = Sidecar::new_stopped(&[
+        "--kms",
+        "aws",
+        "--kms-key-id",
+        "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+        "--kms-endpoint",
+        &dead_kms,
+        "--kms-startup-timeout",
+        "6s",
+    ]);
+    p.set_metrics_addr(&metrics.to_string());
+    p.set_env("AWS_ACCESS_KEY_ID", Some("testing"));
+    p.set_env("AWS_SECRET_ACCESS_KEY", Some("testing"));
+    p.set_env("AWS_EC2_METADATA_DISABLED", Some("true"));
+    p.set_env("AWS_PROFILE", None);
+    p.spawn_no_wait();
     wait_for("/livez", Duration::from_secs(5), || {
         matches!(http_get(metrics, "/livez"), Ok((200, _)))
     });
@@ -419,7 +378,7 @@ fn livez_answers_and_readyz_refuses_while_starting() {
     // Gives up on the start-up deadline with an error, never turning ready.
     let t = Instant::now();
     let status = loop {
-        if let Ok(Some(st)) = p.child.try_wait() {
+        if let Some(st) = p.exit_status() {
             break st;
         }
         assert!(t.elapsed() < Duration::from_secs(30), "still running");
@@ -434,22 +393,23 @@ fn livez_answers_and_readyz_refuses_while_starting() {
 
 #[test]
 fn readyz_withdrawn_on_shutdown() {
-    let s = sidecar(&[]);
-    assert_eq!(http_get(s.metrics, "/readyz").map(|r| r.0).ok(), Some(200));
-    let mut proc = s.proc;
-    let _ = Command::new("kill")
-        .args(["-TERM", &proc.child.id().to_string()])
-        .status();
+    let mut s = sidecar(&[]);
+    assert_eq!(
+        http_get(metrics(&s), "/readyz").map(|r| r.0).ok(),
+        Some(200)
+    );
+    let pid = s.pid().expect("running").to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
     // Once readiness is withdrawn (the signal is handled asynchronously),
     // /readyz never answers 200 again until the process has exited.
     let t = Instant::now();
     let mut withdrawn = false;
     loop {
-        if let Ok(Some(st)) = proc.child.try_wait() {
-            assert!(st.success(), "unclean exit; log:\n{}", proc.log());
+        if let Some(st) = s.exit_status() {
+            assert!(st.success(), "unclean exit; log:\n{}", s.log());
             break;
         }
-        match http_get(s.metrics, "/readyz") {
+        match http_get(metrics(&s), "/readyz") {
             Ok((200, body)) => assert!(!withdrawn, "ready again after SIGTERM: {body}"),
             _ => withdrawn = true,
         }
@@ -524,7 +484,7 @@ fn prometheus_scrapes_and_records_overhead() {
              rule_files:\n  - {}\n\
              scrape_configs:\n  - job_name: ear-sidecar\n    static_configs:\n      - targets: ['{}']\n",
             rules.display(),
-            s.metrics
+            metrics(&s)
         ),
     )
     .expect("write prometheus.yml");
@@ -557,7 +517,7 @@ fn prometheus_scrapes_and_records_overhead() {
         std::thread::sleep(Duration::from_millis(250));
     }
     qemu_io(
-        &s.socket,
+        &s.uri("default"),
         &[
             "write -P 3 0 4M",
             "read -P 3 0 4M",

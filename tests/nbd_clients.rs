@@ -16,9 +16,9 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{qemu_io, require_tool, run_ok, NbdConn, Rng, Sidecar};
+use common::{qemu_io, require_tool, run_ok, Client, Rng, Sidecar};
 use ear_sidecar::protocol::consts::{
-    NBD_CMD_READ, NBD_CMD_WRITE, NBD_EINVAL, NBD_ENOSPC, NBD_FLAG_CAN_MULTI_CONN,
+    NBD_CMD_WRITE, NBD_EINVAL, NBD_ENOSPC, NBD_FLAG_CAN_MULTI_CONN,
 };
 
 const KIB: u64 = 1024;
@@ -344,15 +344,22 @@ fn data_survives_clean_restart_and_kill9_after_flush_or_fua() {
 /// Writes the marker through the raw client at aligned and unaligned
 /// offsets, flushes, and returns the files of the data dir that contain it.
 fn write_marker_and_scan(s: &Sidecar) -> Vec<std::path::PathBuf> {
-    let mut c = NbdConn::connect(&s.socket(), "default");
+    let mut c = Client::connect_export_name(&s.socket(), "default").expect("connect");
     let data = marker_data(256 * KIB as usize);
-    c.write(0, &data, false).expect("aligned marker write");
+    c.write(0, &data, false)
+        .expect("socket")
+        .expect("aligned marker write");
     c.write(MIB + 77, &data[..50_000], false)
+        .expect("socket")
         .expect("unaligned marker write");
     c.write(3 * MIB - 4096, &data[..4096], true)
+        .expect("socket")
         .expect("FUA marker write");
-    c.flush().expect("flush");
-    assert_eq!(c.read(0, 4096).expect("read back"), &data[..4096]);
+    c.flush().expect("socket").expect("flush");
+    assert_eq!(
+        c.read(0, 4096).expect("socket").expect("read back"),
+        &data[..4096]
+    );
     c.disconnect();
     common::scan_dir_for(&s.data_dir(), &data[..16])
 }
@@ -512,35 +519,40 @@ fn garbage_clients_do_not_hurt_a_concurrent_good_client() {
         );
 
         // 4. A client that negotiates properly, then sends bad requests.
-        let mut n = NbdConn::connect(&sock, "default");
+        let mut n = Client::connect_export_name(&sock, "default").expect("connect");
         assert_ne!(n.flags & NBD_FLAG_CAN_MULTI_CONN, 0);
         assert_eq!(
-            n.read(0, 64 * MIB as u32),
+            n.read(0, 64 * MIB as u32).expect("socket"),
             Err(NBD_EINVAL),
             "oversized read"
         );
-        assert_eq!(n.read(4 * MIB, 1), Err(NBD_EINVAL), "read past the end");
         assert_eq!(
-            n.read(u64::MAX - 10, 100),
+            n.read(4 * MIB, 1).expect("socket"),
+            Err(NBD_EINVAL),
+            "read past the end"
+        );
+        assert_eq!(
+            n.read(u64::MAX - 10, 100).expect("socket"),
             Err(NBD_EINVAL),
             "offset overflow"
         );
         assert_eq!(
-            n.write(4 * MIB - 10, &[1u8; 20], false),
+            n.write(4 * MIB - 10, &[1u8; 20], false).expect("socket"),
             Err(NBD_ENOSPC),
             "write past the end"
         );
         // Oversized write: the server must swallow the payload and reply.
         let big = vec![0x55u8; (32 * MIB + 4096) as usize];
-        let c1 = n.send(NBD_CMD_WRITE, 0, 0, big.len() as u32, &big);
-        let r = n.recv(c1, 0).expect("reply to oversized write");
-        assert_eq!(r.error, NBD_EINVAL, "oversized write");
+        let c1 = n.cookie();
+        n.send(NBD_CMD_WRITE, 0, c1, 0, big.len() as u32, &big)
+            .expect("send oversized write");
+        let r = n.recv().expect("reply to oversized write");
+        assert_eq!((r.cookie, r.error), (c1, NBD_EINVAL), "oversized write");
         // The connection is still in sync and usable.
-        let c2 = n.send(NBD_CMD_READ, 0, 3 * MIB, 512, &[]);
-        let r = n.recv(c2, 512).expect("read after errors");
-        assert_eq!(r.error, 0);
+        let r = n.read(3 * MIB, 512).expect("read after errors");
+        assert!(r.is_ok(), "read after errors: {r:?}");
         // 5. A request with a wrong magic: only this connection is closed.
-        let _ = n.socket().write_all(&[0xde; 28]);
+        let _ = n.s.write_all(&[0xde; 28]);
         assert!(
             n.closed_by_server(),
             "server kept a desynchronised connection"
@@ -707,7 +719,9 @@ fn socket_mode_stale_socket_and_regular_file() {
     assert!(s.socket().exists());
     s.set_args(&["--export", "default=1M"]);
     s.start_again();
-    NbdConn::connect(&s.socket(), "default").disconnect();
+    Client::connect_export_name(&s.socket(), "default")
+        .expect("connect")
+        .disconnect();
     s.stop();
 
     // A regular file is never replaced.

@@ -46,6 +46,25 @@ pub fn encode_option(buf: &mut BytesMut, option: u32, data: &[u8]) {
     buf.put_slice(data);
 }
 
+/// Writes what a client sends right after the greeting to enter
+/// transmission on `export` with `NBD_OPT_GO`: its flags (fixed newstyle,
+/// and no zeroes when `no_zeroes`, which a client only sets if the server
+/// offered it) and the option, asking for no extra information.
+pub fn encode_go_opening(buf: &mut BytesMut, export: &str, no_zeroes: bool) {
+    let mut flags = NBD_FLAG_C_FIXED_NEWSTYLE;
+    if no_zeroes {
+        flags |= NBD_FLAG_C_NO_ZEROES;
+    }
+    encode_client_flags(buf, flags);
+    let mut data = BytesMut::new();
+    super::InfoRequest {
+        name: export.to_owned(),
+        info_types: Vec::new(),
+    }
+    .encode(&mut data);
+    encode_option(buf, NBD_OPT_GO, &data);
+}
+
 /// Header of a server option reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OptionReplyHeader {
@@ -292,6 +311,25 @@ mod tests {
 
     fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
         b[..N].try_into().unwrap()
+    }
+
+    #[test]
+    fn go_opening_is_what_the_server_parses() {
+        for no_zeroes in [false, true] {
+            let mut b = BytesMut::new();
+            encode_go_opening(&mut b, "disk-1", no_zeroes);
+            let flags = parse_client_flags(arr(&b[..4])).unwrap();
+            assert_eq!(flags.no_zeroes, no_zeroes);
+            let h = parse_option_header(&arr(&b[4..4 + OPTION_HEADER_LEN])).unwrap();
+            let opt = super::super::parse_option(h, &b[4 + OPTION_HEADER_LEN..]).unwrap();
+            match opt {
+                super::super::ClientOption::Go(req) => {
+                    assert_eq!(req.name, "disk-1");
+                    assert!(req.info_types.is_empty());
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

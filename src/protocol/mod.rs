@@ -31,9 +31,9 @@ mod handshake;
 mod transmission;
 
 pub use client::{
-    encode_client_flags, encode_option, encode_request, parse_block_status_payload,
-    parse_export_name_reply, parse_greeting, parse_option_reply_header, parse_rep_info,
-    parse_reply_magic, parse_simple_reply_header, parse_structured_chunk_header,
+    encode_client_flags, encode_go_opening, encode_option, encode_request,
+    parse_block_status_payload, parse_export_name_reply, parse_greeting, parse_option_reply_header,
+    parse_rep_info, parse_reply_magic, parse_simple_reply_header, parse_structured_chunk_header,
     parse_structured_error_payload, InfoReply, OptionReplyHeader, ReplyMagic, SimpleReplyHeader,
     StructuredChunkHeader,
 };

@@ -1,5 +1,6 @@
-//! One client connection: fixed-newstyle negotiation, then the transmission
-//! phase with pipelined requests completing out of order.
+//! One client connection: the negotiation loop (the rules are in
+//! `negotiate`), then the transmission phase with pipelined requests
+//! completing out of order.
 //!
 //! The connection owns its buffers. A reader loop parses requests and reads
 //! write payloads. File I/O never blocks the async runtime: small reads
@@ -23,8 +24,9 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::handler::{self, ReplyMode};
+use super::negotiate::{Catalog, ExportView, Negotiation, Step};
 use super::Shared;
-use crate::protocol::{self, consts::*, ClientOption, ExportLimits, ProtocolError, RequestKind};
+use crate::protocol::{self, consts::*, ExportLimits, ProtocolError, RequestKind};
 use crate::store::Export;
 
 /// Why a connection ended abnormally.
@@ -80,31 +82,39 @@ pub async fn serve(
     }
 }
 
-fn transmission_flags(structured: bool) -> u16 {
-    let mut f = NBD_FLAG_HAS_FLAGS
-        | NBD_FLAG_SEND_FLUSH
-        | NBD_FLAG_SEND_FUA
-        | NBD_FLAG_SEND_TRIM
-        | NBD_FLAG_SEND_WRITE_ZEROES
-        | NBD_FLAG_SEND_FAST_ZERO
-        | NBD_FLAG_SEND_CACHE
-        // FLUSH fdatasyncs the backing file every connection shares, so it
-        // covers writes completed on any connection: multi-conn is safe.
-        | NBD_FLAG_CAN_MULTI_CONN;
-    if structured {
-        f |= NBD_FLAG_SEND_DF;
+/// The server's exports as negotiation sees them.
+struct StoreCatalog<'a>(&'a Shared);
+
+impl ExportView for Arc<Export> {
+    fn name(&self) -> &str {
+        Export::name(self)
     }
-    f
+    fn size(&self) -> u64 {
+        Export::size(self)
+    }
+    fn encrypted(&self) -> bool {
+        Export::encrypted(self)
+    }
 }
 
-fn resolve(shared: &Shared, name: &str) -> Option<Arc<Export>> {
-    if name.is_empty() {
-        return shared.store.default_export().cloned();
+impl Catalog for StoreCatalog<'_> {
+    type Export = Arc<Export>;
+
+    fn resolve(&self, name: &str) -> Option<Arc<Export>> {
+        if name.is_empty() {
+            return self.0.store.default_export().cloned();
+        }
+        let name = crate::store::ExportName::parse(name).ok()?;
+        self.0.store.get(name.as_str()).cloned()
     }
-    let name = crate::store::ExportName::parse(name).ok()?;
-    shared.store.get(name.as_str()).cloned()
+
+    fn all(&self) -> Vec<Arc<Export>> {
+        self.0.store.exports().cloned().collect()
+    }
 }
 
+/// Sends the greeting, then reads options and answers them as
+/// [`Negotiation`] decides until the client chooses an export or leaves.
 async fn negotiate(
     rd: &mut Reader,
     wr: &mut Writer,
@@ -117,10 +127,7 @@ async fn negotiate(
     let mut cf = [0u8; 4];
     rd.read_exact(&mut cf).await?;
     let client = protocol::parse_client_flags(cf)?;
-    let mut structured = false;
-    // (export name, context id) chosen by SET_META_CONTEXT.
-    let mut meta: Option<(String, Option<u32>)> = None;
-    let max = shared.config.max_request;
+    let mut neg = Negotiation::new(StoreCatalog(shared), shared.config.max_request, client);
     loop {
         let mut hdr = [0u8; 16];
         rd.read_exact(&mut hdr).await?;
@@ -130,151 +137,32 @@ async fn negotiate(
         }
         let mut data = vec![0u8; h.length as usize];
         rd.read_exact(&mut data).await?;
-        out.clear();
-        match protocol::parse_option(h, &data) {
-            Err(e) => {
-                protocol::encode_rep_error(&mut out, h.option, e.reply_type(), &e.to_string())
-            }
-            Ok(ClientOption::ExportName(name)) => {
-                let Some(export) = resolve(shared, &name) else {
-                    return Err(ConnError::UnknownExport(name));
-                };
-                protocol::encode_export_name_reply(
-                    &mut out,
-                    export.size(),
-                    transmission_flags(structured),
-                    client.no_zeroes,
-                );
-                wr.write_all(&out).await?;
+        let step = match protocol::parse_option(h, &data) {
+            Ok(option) => neg.on_option(option),
+            Err(e) => neg.on_invalid(h.option, &e),
+        };
+        match step {
+            Step::Continue(reply) => {
+                wr.write_all(&reply).await?;
                 wr.flush().await?;
-                return Ok(go(&meta, export, structured));
             }
-            Ok(ClientOption::Abort) => {
-                protocol::encode_rep_ack(&mut out, NBD_OPT_ABORT);
+            Step::Abort(reply) => {
                 // The client may already have closed; ignore errors.
-                let _ = wr.write_all(&out).await;
+                let _ = wr.write_all(&reply).await;
                 let _ = wr.flush().await;
                 return Ok(Negotiated::Abort);
             }
-            Ok(ClientOption::List) => {
-                for e in shared.store.exports() {
-                    protocol::encode_rep_server(&mut out, e.name());
-                }
-                protocol::encode_rep_ack(&mut out, NBD_OPT_LIST);
+            Step::Go {
+                reply,
+                export,
+                mode,
+            } => {
+                wr.write_all(&reply).await?;
+                wr.flush().await?;
+                return Ok(Negotiated::Go { export, mode });
             }
-            Ok(ClientOption::Info(req)) | Ok(ClientOption::Go(req)) => {
-                let is_go = h.option == NBD_OPT_GO;
-                match resolve(shared, &req.name) {
-                    None => protocol::encode_rep_error(
-                        &mut out,
-                        h.option,
-                        NBD_REP_ERR_UNKNOWN,
-                        &format!("no export named {:?}", req.name),
-                    ),
-                    Some(export) => {
-                        protocol::encode_info_export(
-                            &mut out,
-                            h.option,
-                            export.size(),
-                            transmission_flags(structured),
-                        );
-                        protocol::encode_info_block_size(&mut out, h.option, 1, 4096, max);
-                        if req.info_types.contains(&NBD_INFO_NAME) {
-                            protocol::encode_info_name(&mut out, h.option, export.name());
-                        }
-                        if req.info_types.contains(&NBD_INFO_DESCRIPTION) {
-                            let d = if export.encrypted() {
-                                "ear-sidecar export (AES-256-CTR at rest)"
-                            } else {
-                                "ear-sidecar export (unencrypted)"
-                            };
-                            protocol::encode_info_description(&mut out, h.option, d);
-                        }
-                        protocol::encode_rep_ack(&mut out, h.option);
-                        if is_go {
-                            wr.write_all(&out).await?;
-                            wr.flush().await?;
-                            return Ok(go(&meta, export, structured));
-                        }
-                    }
-                }
-            }
-            Ok(ClientOption::StructuredReply) => {
-                if structured {
-                    protocol::encode_rep_error(
-                        &mut out,
-                        h.option,
-                        NBD_REP_ERR_INVALID,
-                        "structured replies already negotiated",
-                    );
-                } else {
-                    structured = true;
-                    protocol::encode_rep_ack(&mut out, h.option);
-                }
-            }
-            Ok(ClientOption::SetMetaContext(req)) | Ok(ClientOption::ListMetaContext(req)) => {
-                let set = h.option == NBD_OPT_SET_META_CONTEXT;
-                if !structured {
-                    protocol::encode_rep_error(
-                        &mut out,
-                        h.option,
-                        NBD_REP_ERR_INVALID,
-                        "negotiate structured replies first",
-                    );
-                } else if let Some(export) = resolve(shared, &req.export) {
-                    let wanted =
-                        |q: &str| q == BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()));
-                    let hit = if set {
-                        req.queries.iter().any(|q| q == BASE_ALLOCATION)
-                    } else {
-                        req.queries.is_empty() || req.queries.iter().any(|q| wanted(q))
-                    };
-                    if hit {
-                        protocol::encode_rep_meta_context(
-                            &mut out,
-                            h.option,
-                            if set { 1 } else { 0 },
-                            BASE_ALLOCATION,
-                        );
-                    }
-                    if set {
-                        meta = Some((export.name().to_string(), hit.then_some(1)));
-                    }
-                    protocol::encode_rep_ack(&mut out, h.option);
-                } else {
-                    protocol::encode_rep_error(
-                        &mut out,
-                        h.option,
-                        NBD_REP_ERR_UNKNOWN,
-                        &format!("no export named {:?}", req.export),
-                    );
-                }
-            }
-            Ok(ClientOption::Unknown(opt)) => protocol::encode_rep_error(
-                &mut out,
-                opt,
-                NBD_REP_ERR_UNSUP,
-                "option not supported by ear-sidecar",
-            ),
+            Step::UnknownExport(name) => return Err(ConnError::UnknownExport(name)),
         }
-        wr.write_all(&out).await?;
-        wr.flush().await?;
-    }
-}
-
-/// Enters transmission on `export`, with `base:allocation` selected if
-/// SET_META_CONTEXT chose it for this same export.
-fn go(meta: &Option<(String, Option<u32>)>, export: Arc<Export>, structured: bool) -> Negotiated {
-    let base_allocation = match meta {
-        Some((name, id)) if structured && name == export.name() => *id,
-        _ => None,
-    };
-    Negotiated::Go {
-        export,
-        mode: ReplyMode {
-            structured,
-            base_allocation,
-        },
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod connection;
 pub mod handler;
+pub mod negotiate;
 pub mod observe;
 
 use std::path::Path;

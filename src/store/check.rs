@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::export::Export;
-use super::format::{self, Kind, Slot, State, GROUP_BLOCKS, PAIR_SIZE, SLOT_SIZE};
+use super::format::{self, Slot, State, GROUP_BLOCKS, PAIR_SIZE, SLOT_SIZE};
 use super::{exports_dir, StoreError, SUFFIX};
-use crate::crypto::{KeyRing, NONCE_LEN};
+use crate::crypto::KeyRing;
 
 /// Most block numbers listed per category in a report.
 pub const LIST_MAX: usize = 100;
@@ -196,30 +196,29 @@ pub fn check_export(
     log: &mut RepairLog,
     progress: &mut dyn FnMut(u64, u64),
 ) -> ExportCheck {
-    let path = exports_dir(data_dir).join(format!("{name}{SUFFIX}"));
     let mut out = ExportCheck {
         name: name.to_string(),
-        path: path.clone(),
+        path: exports_dir(data_dir).join(format!("{name}{SUFFIX}")),
         ..ExportCheck::default()
     };
-    if let Err(e) = check_inner(&path, name, dir_id, keys, repair, log, progress, &mut out) {
+    if let Err(e) = check_inner(&mut out, dir_id, keys, repair, log, progress) {
         out.error = Some(e.to_string());
     }
     out
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The work of [`check_export`] on `out.path` (export `out.name`), filling `out`.
 fn check_inner(
-    path: &Path,
-    name: &str,
+    out: &mut ExportCheck,
     dir_id: [u8; 16],
     keys: Option<Arc<KeyRing>>,
     repair: bool,
     log: &mut RepairLog,
     progress: &mut dyn FnMut(u64, u64),
-    out: &mut ExportCheck,
 ) -> Result<(), StoreError> {
-    let (e, problems) = Export::open_offline(path, name, dir_id, keys, repair)?;
+    let name = out.name.clone();
+    let name = name.as_str();
+    let (e, problems) = Export::open_offline(&out.path, name, dir_id, keys, repair)?;
     out.header_problems = problems;
     out.state = match e.header().state {
         State::Clean => "clean".into(),
@@ -316,16 +315,7 @@ fn zero_blocks(e: &Export, pairs: &[u8], g: u64, blocks: &[u64]) -> Result<(), S
         let i = (b - first) as usize;
         let pair = &mut pairs[i * PAIR_SIZE..(i + 1) * PAIR_SIZE];
         let (target, generation) = format::write_target(pair, Some(None));
-        let slot = Slot {
-            nonce: [0; NONCE_LEN],
-            key_version: 0,
-            epoch: 0,
-            generation,
-            kind: Kind::Zero,
-            check: 0,
-            tag: [0; format::TAG_LEN],
-        }
-        .seal(b, &[]);
+        let slot = Slot::zero(b, generation);
         slot.encode(&mut pair[target * SLOT_SIZE..(target + 1) * SLOT_SIZE]);
     }
     e.io()

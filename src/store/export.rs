@@ -385,6 +385,18 @@ impl Export {
         Ok((header, errors))
     }
 
+    /// Opens the backing file at `path` and reads its authenticated header
+    /// (with the problems of a discarded slot).
+    fn open_headers(
+        path: &Path,
+        keys: &Option<Arc<KeyRing>>,
+        writable: bool,
+    ) -> Result<(Backing, Header, Vec<String>), StoreError> {
+        let file = open_backing(path, writable)?;
+        let (header, problems) = Self::read_headers(&file, path, keys)?;
+        Ok((file, header, problems))
+    }
+
     /// Opens an existing backing file, authenticating its header.
     pub(crate) fn open(
         path: &Path,
@@ -393,8 +405,7 @@ impl Export {
         keys: Option<Arc<KeyRing>>,
         opts: ExportOptions,
     ) -> Result<Export, StoreError> {
-        let file = open_backing(path, true)?;
-        let (header, problems) = Self::read_headers(&file, path, &keys)?;
+        let (file, header, problems) = Self::open_headers(path, &keys, true)?;
         if !problems.is_empty() {
             tracing::warn!(export = expected_name, problems = %problems.join("; "),
                 "header slot discarded; both slots are rewritten from the newest valid one");
@@ -413,8 +424,7 @@ impl Export {
         keys: Option<Arc<KeyRing>>,
         writable: bool,
     ) -> Result<(Export, Vec<String>), StoreError> {
-        let file = open_backing(path, writable)?;
-        let (header, problems) = Self::read_headers(&file, path, &keys)?;
+        let (file, header, problems) = Self::open_headers(path, &keys, writable)?;
         check_identity(path, &header, expected_name, dir_id)?;
         let export = Export {
             name: expected_name.to_string(),

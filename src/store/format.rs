@@ -398,6 +398,21 @@ impl Slot {
         h.digest()
     }
 
+    /// A sealed zero slot of `block`: no nonce, key or tag, just the
+    /// generation (how TRIM, WRITE_ZEROES and repairs record a hole).
+    pub fn zero(block: u64, generation: u32) -> Slot {
+        Slot {
+            nonce: [0; NONCE_LEN],
+            key_version: 0,
+            epoch: 0,
+            generation,
+            kind: Kind::Zero,
+            check: 0,
+            tag: [0; TAG_LEN],
+        }
+        .seal(block, &[])
+    }
+
     /// A new slot with its check computed.
     pub fn seal(mut self, block: u64, stored: &[u8]) -> Slot {
         self.check = self.compute_check(block, stored);

@@ -533,16 +533,7 @@ impl Export {
                 continue;
             }
             let (target, generation) = targets[i];
-            let slot = Slot {
-                nonce: [0; NONCE_LEN],
-                key_version: 0,
-                epoch: 0,
-                generation,
-                kind: Kind::Zero,
-                check: 0,
-                tag: [0; format::TAG_LEN],
-            }
-            .seal(b + i as u64, &[]);
+            let slot = Slot::zero(b + i as u64, generation);
             slot.encode(&mut pair[target * SLOT_SIZE..(target + 1) * SLOT_SIZE]);
         }
         timed(&mut st.storage, || {

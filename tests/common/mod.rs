@@ -12,8 +12,11 @@
 //!   client is missing.
 //! * [`run`] / [`run_ok`] / [`qemu_io`]: run a command with a time limit and
 //!   assert success, showing stdout and stderr on failure.
-//! * [`Rng`]: a small seeded generator for reproducible test data, and
-//!   [`scan_dir_for`] to look for byte patterns in every file of a directory.
+//! * [`Client`]: the one blocking NBD client, on the crate's client codec.
+//! * [`Rng`]: a small seeded generator for reproducible test data (fixed
+//!   seed, or `EAR_TEST_SEED` / the clock, printed), [`pattern`] /
+//!   [`pattern_gen`] for self-describing blocks, and [`scan_dir_for`] to look
+//!   for byte patterns in every file of a directory.
 //!
 //! * [`in_process::TestServer`]: `server::run` in-process on a temporary
 //!   store, for tests that look inside the server.
@@ -23,7 +26,10 @@
 //! `dead_code` allowance).
 #![allow(dead_code)]
 
+pub mod client;
 pub mod in_process;
+
+pub use client::Client;
 
 use std::fs::File;
 use std::io::Read;
@@ -163,15 +169,26 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
-/// Runs `qemu-io -f raw URI -c CMD...` and asserts success. qemu-io exits
-/// non-zero when a command fails (including `read -P` pattern mismatches);
-/// the output is also checked for failure messages, belt and braces.
-pub fn qemu_io(uri: &str, cmds: &[&str]) -> Output {
+fn qemu_io_command(uri: &str, cmds: &[&str]) -> Command {
     let mut c = Command::new("qemu-io");
     c.args(["-f", "raw", uri]);
     for cmd in cmds {
         c.args(["-c", cmd]);
     }
+    c
+}
+
+/// Runs `qemu-io -f raw URI -c CMD...` and returns its output whatever the
+/// exit status (for tests that expect a failure).
+pub fn qemu_io_output(uri: &str, cmds: &[&str]) -> Output {
+    run(&mut qemu_io_command(uri, cmds))
+}
+
+/// Runs `qemu-io -f raw URI -c CMD...` and asserts success. qemu-io exits
+/// non-zero when a command fails (including `read -P` pattern mismatches);
+/// the output is also checked for failure messages, belt and braces.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> Output {
+    let mut c = qemu_io_command(uri, cmds);
     let what = describe(&c);
     let out = run_ok(&mut c);
     let both = out.both();
@@ -189,6 +206,10 @@ pub struct Sidecar {
     child: Option<Child>,
     runs: u32,
     log_path: PathBuf,
+    data_dir: Option<PathBuf>,
+    wrapper: Vec<String>,
+    metrics_addr: String,
+    env: Vec<(String, Option<String>)>,
 }
 
 /// Why [`Sidecar::try_start`] failed.
@@ -226,6 +247,10 @@ impl Sidecar {
             child: None,
             runs: 0,
             log_path,
+            data_dir: None,
+            wrapper: Vec::new(),
+            metrics_addr: String::new(),
+            env: Vec::new(),
         }
     }
 
@@ -234,9 +259,41 @@ impl Sidecar {
         self.dir.path()
     }
 
-    /// The data directory (`<tmp>/data`).
+    /// The data directory (`<tmp>/data` unless [`set_data_dir`](Self::set_data_dir) moved it).
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
+    }
+
+    /// Uses `dir` as the data directory from the next start on (e.g. on a
+    /// small tmpfs).
+    pub fn set_data_dir(&mut self, dir: PathBuf) {
+        self.data_dir = Some(dir);
+    }
+
+    /// Serves metrics and health on `addr` from the next start on (off by default).
+    pub fn set_metrics_addr(&mut self, addr: &str) {
+        self.metrics_addr = addr.to_string();
+    }
+
+    /// The `--metrics-addr` in use (empty: off).
+    pub fn metrics_addr(&self) -> &str {
+        &self.metrics_addr
+    }
+
+    /// Sets (`Some`) or removes (`None`) an environment variable of the
+    /// process from the next start on. `EAR_*` variables and `RUST_LOG` of
+    /// the test process are never inherited.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.map(str::to_string)));
+    }
+
+    /// Runs the binary under `wrapper` from the next start on (e.g.
+    /// `["prlimit", "--fsize=N", "--"]`).
+    pub fn set_wrapper(&mut self, wrapper: &[&str]) {
+        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
     }
 
     /// `XDG_CONFIG_HOME` of the sidecar (`<tmp>/config`), where the local
@@ -287,60 +344,94 @@ impl Sidecar {
         String::from_utf8_lossy(&std::fs::read(&self.log_path).unwrap_or_default()).into_owned()
     }
 
+    /// stdout and stderr of every run so far, in order.
+    pub fn all_logs(&self) -> String {
+        (1..=self.runs)
+            .map(|n| self.dir.path().join(format!("sidecar-{n}.log")))
+            .map(|p| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned())
+            .collect()
+    }
+
     fn command(&self) -> Command {
-        let mut c = Command::new(sidecar_bin());
+        let mut c = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(sidecar_bin());
+                c
+            }
+            None => Command::new(sidecar_bin()),
+        };
         c.arg("serve")
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--socket")
             .arg(self.socket())
-            .args(["--metrics-addr", ""])
+            .arg("--metrics-addr")
+            .arg(&self.metrics_addr)
             .args(&self.args)
-            // Isolate from the developer's environment and config files;
-            // the default local KEK goes to <tmp>/config, beside the data.
-            .env_remove("EAR_CONFIG")
-            .env("XDG_CONFIG_HOME", self.config_home())
-            .env("RUST_LOG", "info")
+            // The default level is info; RUST_LOG would override `--log-level`.
+            .env_remove("RUST_LOG")
             .env("NO_COLOR", "1")
+            // The default local KEK goes to <tmp>/config, beside the data.
+            .env("XDG_CONFIG_HOME", self.config_home())
             .current_dir(self.dir.path());
+        // Isolate from the developer's environment and config files.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("EAR_") {
+                c.env_remove(k);
+            }
+        }
+        for (k, v) in &self.env {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
         c
     }
 
-    /// Spawns the process (the previous one must be stopped) and waits for
-    /// the socket, or returns how it failed.
-    pub fn try_start(&mut self) -> Result<(), StartFailure> {
+    /// Spawns the process (the previous one must be stopped) without waiting;
+    /// stdout and stderr go to this run's log.
+    pub fn spawn_no_wait(&mut self) {
         assert!(self.child.is_none(), "sidecar is already running");
         self.runs += 1;
         self.log_path = self.dir.path().join(format!("sidecar-{}.log", self.runs));
         let log = File::create(&self.log_path).expect("create sidecar log");
-        let mut child = self
+        let child = self
             .command()
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().expect("dup sidecar log"))
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", sidecar_bin()));
+        self.child = Some(child);
+    }
+
+    /// Spawns the process (the previous one must be stopped) and waits for
+    /// the socket to send the NBD greeting, or returns how it failed.
+    pub fn try_start(&mut self) -> Result<(), StartFailure> {
+        self.spawn_no_wait();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
+            let child = self.child.as_mut().expect("just spawned");
             match child.try_wait() {
                 Ok(Some(status)) => {
+                    self.child = None;
                     return Err(StartFailure {
                         status: Some(status),
                         log: self.log(),
-                    })
+                    });
                 }
                 Ok(None) => {}
                 Err(e) => panic!("waiting for the sidecar: {e}"),
             }
-            // Connect (not just "file exists"): a stale socket from a killed
-            // run exists but refuses connections.
-            if UnixStream::connect(self.socket()).is_ok() {
-                self.child = Some(child);
+            // A greeting (not just "file exists"): a stale socket from a
+            // killed run exists but refuses connections.
+            if greeting_ok(&self.socket()) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
+                self.kill9();
                 return Err(StartFailure {
                     status: None,
                     log: self.log(),
@@ -403,6 +494,19 @@ impl Sidecar {
         }
     }
 
+    /// SIGTERM if running, wait (bounded, then SIGKILL); true if it exited 0.
+    /// For tests where the process may already have died.
+    pub fn try_stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        wait_bounded(&mut child, STOP_TIMEOUT).is_some_and(|st| st.success())
+    }
+
     /// SIGKILL and reap: a crash, nothing flushed by the process.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -423,6 +527,60 @@ impl Sidecar {
             Some(c) => matches!(c.try_wait(), Ok(None)),
             None => false,
         }
+    }
+
+    /// Exit status once the child has exited (None while running or stopped).
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Resident set size of the process in KiB (from /proc/<pid>/status).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.pid().expect("sidecar is running");
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Number of open file descriptors of the process.
+    pub fn fd_count(&self) -> usize {
+        let pid = self.pid().expect("sidecar is running");
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// A [`Client`] connected to `export` with `NBD_OPT_GO`.
+    pub fn client(&self, export: &str) -> Client {
+        Client::connect(&self.socket(), export)
+            .unwrap_or_else(|e| panic!("good client cannot connect: {e}; log:\n{}", self.log()))
+    }
+
+    /// Asserts the process is alive and a fresh client can write, flush and
+    /// read back at `offset` (both through [`Client`] and through qemu-io).
+    pub fn assert_serves(&mut self, export: &str, offset: u64) {
+        assert!(self.is_running(), "sidecar died; log:\n{}", self.log());
+        let mut c = self.client(export);
+        let data: Vec<u8> = (0..4096u32)
+            .map(|i| (i as u8) ^ (offset as u8) ^ 0x5a)
+            .collect();
+        c.write(offset, &data, true).expect("io").expect("write ok");
+        c.flush().expect("io").expect("flush ok");
+        let back = c.read(offset, 4096).expect("io").expect("read ok");
+        assert_eq!(back, data, "good client read back wrong data");
+        c.disconnect();
+        qemu_io(
+            &self.uri(export),
+            &[
+                &format!("write -P 0xa7 {} 4k", offset + 4096),
+                &format!("read -P 0xa7 {} 4k", offset + 4096),
+            ],
+        );
     }
 
     /// Runs `ear-sidecar ARGS...` (another subcommand, e.g. `status`) and
@@ -452,12 +610,29 @@ fn send_signal(pid: u32, sig: &str) {
     assert!(st.success(), "kill -{sig} {pid} failed: {st}");
 }
 
-/// A small deterministic generator (SplitMix64) for reproducible test data.
+/// A small deterministic generator (SplitMix64) for reproducible test data
+/// and test choices.
 pub struct Rng(u64);
 
 impl Rng {
     /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    /// Seeds from `EAR_TEST_SEED` or the clock and prints the seed, so a
+    /// failing randomized test can be replayed.
+    pub fn from_env(test: &str) -> Rng {
+        let seed = std::env::var("EAR_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+        eprintln!("{test}: EAR_TEST_SEED={seed}");
         Rng(seed)
     }
 
@@ -468,6 +643,11 @@ impl Rng {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    /// Uniform enough in `0..n` (n > 0; 0 is treated as 1).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
     }
 
     /// Fills `buf` with random bytes.
@@ -484,6 +664,58 @@ impl Rng {
         self.fill(&mut v);
         v
     }
+}
+
+/// Deterministic 4 KiB block content for (block, generation): generation 0 is
+/// all zeros (never written); otherwise the first 16 bytes name the block and
+/// generation and the rest comes from an [`Rng`] seeded from both.
+pub fn pattern(block: u64, gen: u64) -> Vec<u8> {
+    let mut v = vec![0u8; 4096];
+    if gen == 0 {
+        return v;
+    }
+    v[0..8].copy_from_slice(&block.to_le_bytes());
+    v[8..16].copy_from_slice(&gen.to_le_bytes());
+    Rng::new(block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ gen.wrapping_mul(0xD1B5_4A32_D192_ED03))
+        .fill(&mut v[16..]);
+    v
+}
+
+/// The generation a block read as, if it is exactly `pattern(block, gen)` for
+/// the generation it names (or all zeros → 0); `None` for anything else.
+pub fn pattern_gen(block: u64, data: &[u8]) -> Option<u64> {
+    if data.iter().all(|&b| b == 0) {
+        return Some(0);
+    }
+    let gen = u64::from_le_bytes(data.get(8..16)?.try_into().ok()?);
+    (gen != 0 && pattern(block, gen) == data).then_some(gen)
+}
+
+/// True when the test process runs as root.
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Raises this process's open-file soft limit to at least `n` (best effort).
+pub fn raise_nofile(n: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current.unwrap_or(u64::MAX) >= n {
+        return;
+    }
+    l.current = Some(n.min(l.maximum.unwrap_or(u64::MAX)));
+    let _ = setrlimit(Resource::Nofile, l);
+}
+
+/// True if a connection to `socket` receives the NBD greeting within 2 s.
+pub fn greeting_ok(socket: &Path) -> bool {
+    let Ok(mut s) = UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut g = [0u8; 8];
+    s.read_exact(&mut g).is_ok()
+        && u64::from_be_bytes(g) == ear_sidecar::protocol::consts::NBD_MAGIC
 }
 
 /// Every regular file under `dir`, recursively.
@@ -548,184 +780,4 @@ pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     f.read_exact_at(&mut v, offset)
         .unwrap_or_else(|e| panic!("read {len} bytes at {offset} of {}: {e}", path.display()));
     v
-}
-
-/// A minimal blocking NBD client over a Unix socket, built on the crate's
-/// client codec (`ear_sidecar::protocol`): fixed-newstyle handshake with
-/// `NBD_OPT_EXPORT_NAME` (so replies are simple replies), then one request at
-/// a time. For tests that need byte-exact control (distinctive payloads,
-/// invalid requests) that the command-line clients cannot express. All
-/// socket reads and writes time out after 60 s.
-pub struct NbdConn {
-    sock: UnixStream,
-    /// Export size announced by the server.
-    pub size: u64,
-    /// Transmission flags announced by the server.
-    pub flags: u16,
-    cookie: u64,
-}
-
-/// A simple reply: `NBD_E*` error (0 on success) and the READ payload.
-#[derive(Debug)]
-pub struct Reply {
-    /// `NBD_E*` value, 0 on success.
-    pub error: u32,
-    /// Data of a successful READ; empty otherwise.
-    pub data: Vec<u8>,
-}
-
-impl NbdConn {
-    /// Connects to `socket` and enters transmission on `export`.
-    pub fn connect(socket: &Path, export: &str) -> NbdConn {
-        use ear_sidecar::protocol::{self, consts};
-        use std::io::Write;
-        let mut sock = UnixStream::connect(socket)
-            .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
-        sock.set_read_timeout(Some(Duration::from_secs(60)))
-            .expect("set read timeout");
-        sock.set_write_timeout(Some(Duration::from_secs(60)))
-            .expect("set write timeout");
-        let mut greeting = [0u8; consts::GREETING_LEN];
-        sock.read_exact(&mut greeting).expect("read greeting");
-        let hflags = protocol::parse_greeting(&greeting).expect("valid greeting");
-        let no_zeroes = hflags & consts::NBD_FLAG_NO_ZEROES != 0;
-        let mut b = bytes::BytesMut::new();
-        let mut cflags = consts::NBD_FLAG_C_FIXED_NEWSTYLE;
-        if no_zeroes {
-            cflags |= consts::NBD_FLAG_C_NO_ZEROES;
-        }
-        protocol::encode_client_flags(&mut b, cflags);
-        protocol::encode_option(&mut b, consts::NBD_OPT_EXPORT_NAME, export.as_bytes());
-        sock.write_all(&b)
-            .expect("send client flags and export name");
-        let mut reply = [0u8; 10];
-        sock.read_exact(&mut reply)
-            .unwrap_or_else(|e| panic!("export {export:?}: server closed the handshake: {e}"));
-        let (size, flags) = protocol::parse_export_name_reply(&reply);
-        if !no_zeroes {
-            let mut z = [0u8; consts::EXPORT_NAME_ZEROES];
-            sock.read_exact(&mut z).expect("read 124 zero bytes");
-        }
-        NbdConn {
-            sock,
-            size,
-            flags,
-            cookie: 1,
-        }
-    }
-
-    /// The underlying socket (to send raw bytes).
-    pub fn socket(&mut self) -> &mut UnixStream {
-        &mut self.sock
-    }
-
-    /// Sends one request header (and `payload` right after it, which may be
-    /// of any length: tests send inconsistent ones on purpose). Returns the cookie.
-    pub fn send(
-        &mut self,
-        command: u16,
-        flags: u16,
-        offset: u64,
-        length: u32,
-        payload: &[u8],
-    ) -> u64 {
-        use std::io::Write;
-        let cookie = self.cookie;
-        self.cookie += 1;
-        let mut b = bytes::BytesMut::new();
-        ear_sidecar::protocol::encode_request(
-            &mut b,
-            &ear_sidecar::protocol::RawRequest {
-                flags,
-                command,
-                cookie,
-                offset,
-                length,
-            },
-        );
-        self.sock.write_all(&b).expect("send request header");
-        self.sock.write_all(payload).expect("send request payload");
-        cookie
-    }
-
-    /// Reads one simple reply to `cookie`; for a successful READ, `read_len`
-    /// payload bytes follow it.
-    pub fn recv(&mut self, cookie: u64, read_len: usize) -> std::io::Result<Reply> {
-        use ear_sidecar::protocol::{self, consts};
-        let mut h = [0u8; consts::SIMPLE_REPLY_HEADER_LEN];
-        self.sock.read_exact(&mut h)?;
-        let hdr = protocol::parse_simple_reply_header(&h)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        assert_eq!(hdr.cookie, cookie, "reply to an unexpected cookie");
-        let mut data = Vec::new();
-        if hdr.error == 0 && read_len > 0 {
-            data = vec![0u8; read_len];
-            self.sock.read_exact(&mut data)?;
-        }
-        Ok(Reply {
-            error: hdr.error,
-            data,
-        })
-    }
-
-    /// READ; `Err(errno)` on an error reply.
-    pub fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
-        let c = self.send(
-            ear_sidecar::protocol::consts::NBD_CMD_READ,
-            0,
-            offset,
-            len,
-            &[],
-        );
-        let r = self.recv(c, len as usize).expect("read reply");
-        if r.error == 0 {
-            Ok(r.data)
-        } else {
-            Err(r.error)
-        }
-    }
-
-    /// WRITE (with FUA if `fua`); `Err(errno)` on an error reply.
-    pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<(), u32> {
-        use ear_sidecar::protocol::consts;
-        let flags = if fua { consts::NBD_CMD_FLAG_FUA } else { 0 };
-        let len = u32::try_from(data.len()).expect("payload fits a request");
-        let c = self.send(consts::NBD_CMD_WRITE, flags, offset, len, data);
-        let r = self.recv(c, 0).expect("write reply");
-        if r.error == 0 {
-            Ok(())
-        } else {
-            Err(r.error)
-        }
-    }
-
-    /// FLUSH; `Err(errno)` on an error reply.
-    pub fn flush(&mut self) -> Result<(), u32> {
-        let c = self.send(ear_sidecar::protocol::consts::NBD_CMD_FLUSH, 0, 0, 0, &[]);
-        let r = self.recv(c, 0).expect("flush reply");
-        if r.error == 0 {
-            Ok(())
-        } else {
-            Err(r.error)
-        }
-    }
-
-    /// NBD_CMD_DISC and close.
-    pub fn disconnect(mut self) {
-        self.send(ear_sidecar::protocol::consts::NBD_CMD_DISC, 0, 0, 0, &[]);
-    }
-
-    /// True once the server has closed the connection (EOF or reset) within
-    /// the read timeout; false if it sent data instead.
-    pub fn closed_by_server(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        match self.sock.read(&mut b) {
-            Ok(0) => true,
-            Ok(_) => false,
-            Err(e) => matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-            ),
-        }
-    }
 }

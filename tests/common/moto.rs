@@ -159,6 +159,25 @@ impl Moto {
             .expect("CreateKey returned an ARN")
             .to_string()
     }
+
+    /// Enables or disables the key `arn` (an operator's EnableKey / DisableKey).
+    #[allow(dead_code)] // not every test file uses it
+    pub async fn set_enabled(&self, arn: &str, enabled: bool) {
+        let c = self.admin_client();
+        if enabled {
+            c.enable_key()
+                .key_id(kid(arn))
+                .send()
+                .await
+                .expect("EnableKey");
+        } else {
+            c.disable_key()
+                .key_id(kid(arn))
+                .send()
+                .await
+                .expect("DisableKey");
+        }
+    }
 }
 
 /// The key id part of an ARN (moto's DisableKey/EnableKey/ScheduleKeyDeletion
