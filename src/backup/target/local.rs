@@ -1,0 +1,240 @@
+//! The local-directory target: temp file, fsync, rename, fsync directory.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+/// A local directory target. Layout: `<root>/<key>`, temporaries in
+/// `<root>/.tmp/` (never listed; a crash may leave some, removed on open).
+#[derive(Debug, Clone)]
+pub struct LocalTarget {
+    root: PathBuf,
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TargetError {
+    let path = path.to_path_buf();
+    move |source| TargetError::Io { what, path, source }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), TargetError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing directory", dir))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, TargetError> + Send + 'static,
+) -> Result<T, TargetError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TargetError::Invalid(format!("backup I/O task failed: {e}")))?
+}
+
+impl LocalTarget {
+    /// Opens (creating if needed) the directory `root`; removes stale temporaries.
+    pub async fn open(root: PathBuf) -> Result<Self, TargetError> {
+        blocking(move || {
+            let tmp = root.join(TMP_DIR);
+            std::fs::create_dir_all(&tmp).map_err(io("creating", &tmp))?;
+            for e in std::fs::read_dir(&tmp).map_err(io("reading", &tmp))? {
+                let p = e.map_err(io("reading", &tmp))?.path();
+                let _ = std::fs::remove_file(&p);
+            }
+            sync_dir(&root)?;
+            Ok(Self { root })
+        })
+        .await
+    }
+
+    /// The directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &ObjectKey) -> PathBuf {
+        self.root.join(key.as_str())
+    }
+
+    /// Writes `data` to a fresh temporary file, fsynced; returns its path.
+    fn write_temp(&self, data: &[u8]) -> Result<PathBuf, TargetError> {
+        let mut r = [0u8; 12];
+        crate::crypto::fill_random(&mut r).map_err(|e| TargetError::Invalid(e.to_string()))?;
+        let tmp = self.root.join(TMP_DIR).join(hex::encode(r));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io("creating", &tmp))?;
+        let res = f
+            .write_all(data)
+            .and_then(|_| f.sync_all())
+            .map_err(io("writing", &tmp));
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        res.map(|_| tmp)
+    }
+
+    fn ensure_parent(&self, path: &Path) -> Result<PathBuf, TargetError> {
+        let parent = path.parent().unwrap_or(&self.root).to_path_buf();
+        if !parent.is_dir() {
+            std::fs::create_dir_all(&parent).map_err(io("creating", &parent))?;
+            // Make the new directory entries durable up to the root.
+            let mut d = parent.as_path();
+            while let Some(up) = d.parent() {
+                sync_dir(up)?;
+                if up == self.root {
+                    break;
+                }
+                d = up;
+            }
+        }
+        Ok(parent)
+    }
+
+    fn put_sync(&self, key: &ObjectKey, data: &[u8], replace: bool) -> Result<(), TargetError> {
+        let dst = self.path(key);
+        let parent = self.ensure_parent(&dst)?;
+        let tmp = self.write_temp(data)?;
+        let res = if replace {
+            std::fs::rename(&tmp, &dst).map_err(io("renaming into", &dst))
+        } else {
+            // link(2) fails with EEXIST if the name exists: an atomic
+            // create-if-absent; then drop the temporary name. File systems
+            // without hard links get check-then-rename (one writer per
+            // destination is the rule anyway).
+            let r = std::fs::hard_link(&tmp, &dst).or_else(|e| match e.kind() {
+                ErrorKind::Unsupported | ErrorKind::PermissionDenied if !dst.exists() => {
+                    std::fs::rename(&tmp, &dst)
+                }
+                _ => Err(e),
+            });
+            let r = r.map_err(|e| {
+                if e.kind() == ErrorKind::AlreadyExists {
+                    TargetError::Exists {
+                        target: self.describe(),
+                        key: key.to_string(),
+                    }
+                } else {
+                    TargetError::Io {
+                        what: "linking",
+                        path: dst.clone(),
+                        source: e,
+                    }
+                }
+            });
+            let _ = std::fs::remove_file(&tmp);
+            r
+        };
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        res?;
+        sync_dir(&parent)
+    }
+
+    fn list_sync(&self, prefix: &str) -> Result<Vec<ObjectInfo>, TargetError> {
+        // Scan the deepest directory the prefix names.
+        let dir_part = prefix.rfind('/').map_or("", |i| &prefix[..i]);
+        let mut out = Vec::new();
+        let mut stack = vec![(self.root.join(dir_part), dir_part.to_string())];
+        while let Some((dir, rel)) = stack.pop() {
+            let rd = match std::fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("listing", &dir)(e)),
+            };
+            for e in rd {
+                let e = e.map_err(io("listing", &dir))?;
+                let name = e.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if name.starts_with('.') {
+                    continue;
+                }
+                let key = if rel.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{rel}/{name}")
+                };
+                let md = e.metadata().map_err(io("listing", &e.path()))?;
+                if md.is_dir() {
+                    if key.starts_with(prefix) || prefix.starts_with(&format!("{key}/")) {
+                        stack.push((e.path(), key));
+                    }
+                } else if md.is_file() && key.starts_with(prefix) {
+                    out.push(ObjectInfo {
+                        key,
+                        size: md.len(),
+                        modified: md.modified().ok(),
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl BackupTarget for LocalTarget {
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    async fn put(&self, key: &ObjectKey, data: Bytes) -> Result<(), TargetError> {
+        let (t, k) = (self.clone(), key.clone());
+        blocking(move || t.put_sync(&k, &data, true)).await
+    }
+
+    async fn get(&self, key: &ObjectKey) -> Result<Bytes, TargetError> {
+        let (t, k) = (self.clone(), key.clone());
+        blocking(move || {
+            let p = t.path(&k);
+            match std::fs::read(&p) {
+                Ok(v) => Ok(Bytes::from(v)),
+                Err(e) if e.kind() == ErrorKind::NotFound => Err(TargetError::NotFound {
+                    target: t.describe(),
+                    key: k.to_string(),
+                }),
+                Err(e) => Err(io("reading", &p)(e)),
+            }
+        })
+        .await
+    }
+
+    async fn exists(&self, key: &ObjectKey) -> Result<bool, TargetError> {
+        let p = self.path(key);
+        blocking(move || match std::fs::metadata(&p) {
+            Ok(m) => Ok(m.is_file()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io("checking", &p)(e)),
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, TargetError> {
+        let (t, p) = (self.clone(), prefix.to_string());
+        blocking(move || t.list_sync(&p)).await
+    }
+
+    async fn delete(&self, key: &ObjectKey) -> Result<(), TargetError> {
+        let p = self.path(key);
+        blocking(move || {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(io("deleting", &p)(e)),
+            }
+            sync_dir(p.parent().unwrap_or(Path::new("/")))
+        })
+        .await
+    }
+
+    async fn publish(&self, key: &ObjectKey, data: Bytes) -> Result<(), TargetError> {
+        let (t, k) = (self.clone(), key.clone());
+        blocking(move || t.put_sync(&k, &data, false)).await
+    }
+}
