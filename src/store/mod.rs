@@ -192,23 +192,11 @@ impl Store {
         keys: Option<Arc<KeyRing>>,
         specs: &[ExportSpec],
     ) -> Result<Store, StoreError> {
-        Self::open_with(data_dir, dir_id, keys, specs, false)
+        Self::open_opts(data_dir, dir_id, keys, specs, ExportOptions::default())
     }
 
-    /// Like [`Store::open`]; `integrity` selects per-block authentication
-    /// for exports created now (existing exports keep the mode in their header).
-    pub fn open_with(
-        data_dir: &Path,
-        dir_id: [u8; 16],
-        keys: Option<Arc<KeyRing>>,
-        specs: &[ExportSpec],
-        integrity: bool,
-    ) -> Result<Store, StoreError> {
-        let opts = ExportOptions::with_integrity(integrity);
-        Self::open_opts(data_dir, dir_id, keys, specs, opts)
-    }
-
-    /// Like [`Store::open`] with every option. Exports that were not closed
+    /// Like [`Store::open`] with every option (per-block integrity for
+    /// exports created now, the epoch size). Exports that were not closed
     /// cleanly get a background scrub.
     pub fn open_opts(
         data_dir: &Path,

@@ -262,7 +262,8 @@ proptest! {
 
 fn open_gmac(dir: &Path, key: [u8; 32], names: &[&str]) -> Store {
     let specs: Vec<ExportSpec> = names.iter().map(|n| spec(n, 2 << 20)).collect();
-    Store::open_with(dir, DIR_ID, Some(ring_with(key)), &specs, true).unwrap()
+    let opts = ExportOptions::with_integrity(true);
+    Store::open_opts(dir, DIR_ID, Some(ring_with(key)), &specs, opts).unwrap()
 }
 
 /// Recomputes slot 0's check of `block` so that only the authentication tag
@@ -431,7 +432,8 @@ fn truncated_backing_file_is_refused() {
 #[test]
 fn integrity_needs_encryption() {
     let d = tempfile::tempdir().unwrap();
-    let err = Store::open_with(d.path(), DIR_ID, None, &[spec("t", 1 << 20)], true).unwrap_err();
+    let opts = ExportOptions::with_integrity(true);
+    let err = Store::open_opts(d.path(), DIR_ID, None, &[spec("t", 1 << 20)], opts).unwrap_err();
     assert!(err.to_string().contains("needs encryption"), "{err}");
 }
 
