@@ -433,11 +433,15 @@ impl Export {
                 self.io.write_all_at(seg, format::data_offset(b))
             });
             if let Err(source) = r {
-                // A failed data write (e.g. ENOSPC allocating the block) must
-                // not leave new slots behind: put the old pair table back.
-                if let Err(e) = self.io.write_all_at(&old_pairs, format::pair_offset(b)) {
+                // A failed data write (e.g. ENOSPC allocating a block) may
+                // have written some of the segment's blocks (page by page)
+                // and not others. Keep the new slot where its block landed
+                // and put the old pair back where it did not, so every block
+                // reads old or new and no new slot is left stale.
+                let pairs = self.settle_after_failed_write(b, &pairs, &old_pairs, &targets);
+                if let Err(e) = self.io.write_all_at(&pairs, format::pair_offset(b)) {
                     tracing::warn!(export = %self.name, error = %e,
-                        "cannot restore slots after a failed write; the blocks read as before it");
+                        "cannot settle slots after a failed write; the next start scrubs them");
                 }
                 return Err(self.io_err("write", source));
             }
@@ -445,6 +449,46 @@ impl Export {
             b += seg_n as u64;
         }
         Ok(())
+    }
+
+    /// The pair table to leave after a failed data write: per block, the new
+    /// pair when the stored data matches the new slot, else the old pair.
+    /// When the data cannot be read back, the old pairs (the blocks that did
+    /// land then match neither slot until rewritten; the state stays
+    /// readable as zeros, never as other data).
+    fn settle_after_failed_write(
+        &self,
+        b: u64,
+        new_pairs: &[u8],
+        old_pairs: &[u8],
+        targets: &[(usize, u32)],
+    ) -> Vec<u8> {
+        let n = new_pairs.len() / PAIR_SIZE;
+        let mut data = vec![0u8; n * BLOCK_SIZE];
+        if self
+            .io
+            .read_full_at(&mut data, format::data_offset(b))
+            .is_err()
+        {
+            return old_pairs.to_vec();
+        }
+        let mut out = old_pairs.to_vec();
+        for (i, ((new, stored), out)) in new_pairs
+            .chunks_exact(PAIR_SIZE)
+            .zip(data.chunks_exact(BLOCK_SIZE))
+            .zip(out.chunks_exact_mut(PAIR_SIZE))
+            .enumerate()
+        {
+            let t = targets[i].0;
+            let landed = matches!(
+                Slot::decode(&new[t * SLOT_SIZE..(t + 1) * SLOT_SIZE]),
+                Ok(Some(slot)) if slot.matches(b + i as u64, stored)
+            );
+            if landed {
+                out.copy_from_slice(new);
+            }
+        }
+        out
     }
 
     /// NBD_CMD_WRITE_ZEROES: the range reads as zeros afterwards. Whole blocks
