@@ -127,6 +127,8 @@ pub struct Export {
     /// Blocks already logged as unrecoverable (bounded).
     pub(super) reported: Mutex<HashSet<u64>>,
     pub(super) stop_scrub: AtomicBool,
+    /// The cut of a running backup (blocks to preserve before a change).
+    pub(super) cut: super::snapshot::CutSlot,
 }
 
 impl std::fmt::Debug for Export {
@@ -443,6 +445,7 @@ impl Export {
             counters: ExportCounters::default(),
             reported: Mutex::new(HashSet::new()),
             stop_scrub: AtomicBool::new(true),
+            cut: Default::default(),
         };
         export.check_len()?;
         Ok((export, problems))
@@ -498,6 +501,7 @@ impl Export {
             counters: ExportCounters::default(),
             reported: Mutex::new(HashSet::new()),
             stop_scrub: AtomicBool::new(false),
+            cut: Default::default(),
         };
         export.check_len()?;
         export.write_headers(&header)?;

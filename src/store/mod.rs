@@ -13,6 +13,7 @@ pub mod format;
 mod locks;
 pub mod scrub;
 mod slots;
+pub mod snapshot;
 pub mod spec;
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use export::{Export, ExportCounters, ExportOptions, IoStats};
+pub use snapshot::{CutStats, ExportMeta, RestoreSink, Snapshot};
 pub use spec::{ExportName, ExportSpec, Exports, NameError, SizeError};
 
 use crate::crypto::{CryptoError, KeyRing};

@@ -120,6 +120,7 @@ impl Export {
             .map_err(|source| self.io_err("read", source))?;
         let mut cache = KeyCache::default();
         let mut changed = false;
+        let before = pairs.clone();
         for (i, (pair, blk)) in pairs
             .chunks_exact_mut(PAIR_SIZE)
             .zip(data.chunks_exact(BLOCK_SIZE))
@@ -148,6 +149,9 @@ impl Export {
             }
         }
         if changed {
+            // A rollback keeps each block's valid slot, but the slots change:
+            // a running backup gets the blocks as they were first.
+            self.preserve_for_backup(first, &before, Some(&data));
             self.io()
                 .write_all_at(&pairs, format::pair_offset(first))
                 .map_err(|source| self.io_err("write slots of", source))?;

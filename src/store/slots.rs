@@ -387,6 +387,7 @@ impl Export {
             .map_err(|source| self.io_err("read slots of", source))?;
             let targets = self.targets(b, &pairs, Kind::Data, st)?;
             let old_pairs = pairs.clone();
+            self.preserve_for_backup(b, &old_pairs, None);
             let t = Instant::now();
             for (i, (blk, pair)) in seg
                 .chunks_exact_mut(BLOCK_SIZE)
@@ -572,6 +573,7 @@ impl Export {
             return Ok(());
         }
         let targets = self.targets(b, &pairs, Kind::Zero, st)?;
+        self.preserve_for_backup(b, &pairs, None);
         for (i, pair) in pairs.chunks_exact_mut(PAIR_SIZE).enumerate() {
             if pair.iter().all(|&x| x == 0) {
                 continue;
