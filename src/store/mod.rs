@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use export::{Export, ExportCounters, ExportOptions, IoStats};
-pub use snapshot::{CutStats, ExportMeta, RestoreSink, Snapshot};
+pub use snapshot::{CutStats, DecryptCheckSink, ExportMeta, RestoreSink, Snapshot};
 pub use spec::{ExportName, ExportSpec, Exports, NameError, SizeError};
 
 use crate::crypto::{CryptoError, KeyRing};
