@@ -91,6 +91,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "OCTAL", value_parser = parse_socket_mode)]
     pub socket_mode: Option<u32>,
 
+    /// Admin control socket (mode 0600, same --allow-uid list) that `keys` and `backup` commands
+    /// use to steer this sidecar; empty disables [env: EAR_ADMIN_SOCKET]
+    /// [default: beside --socket, ear.sock -> ear.admin.sock]
+    #[arg(long, value_name = "PATH", value_parser = path_or_empty)]
+    pub admin_socket: Option<PathBuf>,
+
     /// Export NAME=SIZE, repeatable; SIZE in bytes or with K/M/G/T (1024-based), multiple of 512;
     /// created when missing, grown when larger [env: EAR_EXPORT, comma-separated]
     /// [default: default=1G]
@@ -228,6 +234,11 @@ pub struct StatusArgs {
     /// Data directory to describe [default: ./ear-data, as for serve]
     #[arg(long, value_name = "DIR", env = "EAR_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
+
+    /// Ask the running sidecar on this admin socket instead (live view: loaded key versions,
+    /// exports being served)
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
 
     /// Print JSON instead of text
     #[arg(long)]
@@ -487,4 +498,9 @@ pub struct RestoreArgs {
     /// Key provider options.
     #[command(flatten)]
     pub keys: BackupKeyArgs,
+}
+
+/// A path where an empty value is allowed (it disables the feature).
+fn path_or_empty(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
 }
