@@ -92,7 +92,7 @@ fn dir_id_of(reg: &Registry) -> Result<[u8; 16]> {
         .ok_or_else(|| anyhow!("key registry has a malformed dir_id"))
 }
 
-async fn open_target(dest: &str) -> Result<Arc<dyn BackupTarget>> {
+pub(crate) async fn open_target(dest: &str) -> Result<Arc<dyn BackupTarget>> {
     let d = Destination::parse(dest)?;
     d.open(&S3Options::default())
         .await
@@ -353,7 +353,7 @@ async fn take(a: &BackupTakeArgs) -> Result<()> {
     let dest = a.to.as_deref().ok_or_else(|| anyhow!("--to is required"))?;
     let report = match (&a.data_dir, &a.admin_socket) {
         (Some(dir), None) => take_offline(a, dir, name, dest).await?,
-        (None, Some(_)) => bail!("--admin-socket: online backups are not available in this build; stop the sidecar and use --data-dir"),
+        (None, Some(sock)) => return take_online(a, sock, name, dest).await,
         _ => bail!(
             "say where the export is: --data-dir DIR (offline, no sidecar running) or --admin-socket PATH (through the running sidecar)"
         ),
@@ -363,6 +363,63 @@ async fn take(a: &BackupTakeArgs) -> Result<()> {
     } else {
         println!("{}", report.summary());
     }
+    Ok(())
+}
+
+/// A backup through the running sidecar: it takes the cut and copies; the
+/// freeze hook thaws as soon as the sidecar reports the cut.
+async fn take_online(a: &BackupTakeArgs, sock: &Path, name: &str, dest: &str) -> Result<()> {
+    use crate::control::{client, Request, BACKUP_CUT_TAKEN};
+    // A local destination is opened by the sidecar: make the path absolute.
+    let to = match Destination::parse(dest)? {
+        Destination::Local(p) if p.is_relative() => {
+            std::env::current_dir()?.join(p).display().to_string()
+        }
+        _ => dest.to_string(),
+    };
+    let req = Request::Backup {
+        export: name.to_string(),
+        to,
+        full: a.full,
+        incremental: a.incremental,
+    };
+    let rep = super::report::Reporter::new(a.json);
+    if let Some(h) = &a.freeze_hook {
+        run_hook(h, "freeze")?;
+    }
+    let mut thawed = a.freeze_hook.is_none();
+    let mut thaw_err = None;
+    let r = client::call(sock, &req, |p| {
+        if !thawed && p.message == BACKUP_CUT_TAKEN {
+            thawed = true;
+            if let Some(h) = &a.freeze_hook {
+                thaw_err = run_hook(h, "thaw").err();
+            }
+        }
+        rep.progress(p);
+    })
+    .await;
+    if !thawed {
+        if let Some(h) = &a.freeze_hook {
+            thaw_err = run_hook(h, "thaw").err();
+        }
+    }
+    let v = match r {
+        Ok(v) => v,
+        Err(e) => {
+            rep.abandon();
+            return Err(e.into());
+        }
+    };
+    if let Some(e) = thaw_err {
+        eprintln!("ear-sidecar: warning: {e:#}");
+    }
+    let line = v
+        .get("summary")
+        .and_then(|s| s.as_str())
+        .unwrap_or("backup complete")
+        .to_string();
+    rep.finish(&line, v.get("report").unwrap_or(&v));
     Ok(())
 }
 

@@ -33,18 +33,83 @@ impl std::fmt::Debug for ControlPlane {
 
 #[async_trait::async_trait]
 impl Handler for ControlPlane {
-    async fn handle(&self, req: Request, _progress: Progress) -> Result<Value, String> {
+    async fn handle(&self, req: Request, progress: Progress) -> Result<Value, String> {
         match req {
             Request::Ping => Ok(json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "pid": std::process::id(),
             })),
             Request::Status => Ok(self.status()),
+            Request::Backup {
+                export,
+                to,
+                full,
+                incremental,
+            } => self.backup(&export, &to, full, incremental, progress).await,
         }
     }
 }
 
 impl ControlPlane {
+    /// Takes a backup of `export` now (the `backup --admin-socket` command)
+    /// and records its outcome in the export's backup metrics.
+    async fn backup(
+        &self,
+        export: &str,
+        to: &str,
+        full: bool,
+        incremental: bool,
+        progress: Progress,
+    ) -> Result<Value, String> {
+        let e = self
+            .store
+            .get(export)
+            .ok_or_else(|| format!("no export {export:?} is served here"))?;
+        let ring = self
+            .keys
+            .as_ref()
+            .ok_or("backups need encryption: this sidecar runs with encryption off")?;
+        let registry = crate::keys::registry::Registry::path_in(&self.data_dir);
+        let key_registry = std::fs::read(&registry)
+            .map_err(|err| format!("read the key registry {}: {err}", registry.display()))?;
+        let r = async {
+            let target = super::backup::open_target(to).await?;
+            progress.update(0, 0, "bytes", "taking the cut");
+            super::backup::take_backup(
+                e,
+                target,
+                ring,
+                key_registry,
+                full,
+                incremental,
+                |_| progress.update(0, 0, "bytes", crate::control::BACKUP_CUT_TAKEN),
+                &|p| {
+                    progress.update(
+                        p.bytes,
+                        p.total_bytes.unwrap_or(0),
+                        "bytes",
+                        crate::control::BACKUP_CUT_TAKEN,
+                    )
+                },
+            )
+            .await
+        }
+        .await;
+        match r {
+            Ok(report) => {
+                crate::admin::record_backup(export, &report.stats, report.cut.pause);
+                tracing::info!(export, backup = %report.stats.backup_id,
+                    pause_us = report.cut.pause.as_micros() as u64,
+                    preserved = report.cut.preserved_blocks, "backup complete");
+                Ok(json!({ "summary": report.summary(), "report": report }))
+            }
+            Err(err) => {
+                crate::admin::record_backup_failure(export);
+                Err(super::one_line(&err))
+            }
+        }
+    }
+
     /// The live view: what `status --admin-socket` prints.
     fn status(&self) -> Value {
         let exports: Vec<Value> = self

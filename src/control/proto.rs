@@ -13,7 +13,26 @@ pub enum Request {
     Ping,
     /// What the sidecar serves: exports, key versions, encryption mode.
     Status,
+    /// Take a backup of an export at a cut taken now. Progress lines after
+    /// the cut carry the message [`BACKUP_CUT_TAKEN`] (a freeze hook thaws
+    /// on the first one).
+    Backup {
+        /// Export name.
+        export: String,
+        /// Destination: a directory (on the sidecar's file system) or
+        /// `s3://bucket/prefix`.
+        to: String,
+        /// A full backup even when a parent exists.
+        #[serde(default)]
+        full: bool,
+        /// Require a parent.
+        #[serde(default)]
+        incremental: bool,
+    },
 }
+
+/// Progress message of a backup once its cut is taken.
+pub const BACKUP_CUT_TAKEN: &str = "cut taken; copying";
 
 impl Request {
     /// The `op` name, for logs.
@@ -21,6 +40,7 @@ impl Request {
         match self {
             Request::Ping => "ping",
             Request::Status => "status",
+            Request::Backup { .. } => "backup",
         }
     }
 }

@@ -15,7 +15,7 @@ impl Handler for Echo {
                 }
                 Ok(serde_json::json!({"pong": true}))
             }
-            Request::Status => Err("no status here; use ping".into()),
+            _ => Err("no status here; use ping".into()),
         }
     }
 }

@@ -171,7 +171,7 @@ pub(crate) struct CutState {
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct CutStats {
     /// How long I/O to the export was held for the cut.
-    #[serde(serialize_with = "micros")]
+    #[serde(serialize_with = "micros", rename = "pause_us")]
     pub pause: Duration,
     /// Blocks preserved because a change reached them before the backup did.
     pub preserved_blocks: u64,
