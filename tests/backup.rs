@@ -4,6 +4,8 @@
 //! manifest or chunk is refused, an interrupted backup leaves nothing listed
 //! as complete and the next one works, prune keeps chains whole.
 
+#[path = "common/attach.rs"]
+mod attach;
 mod common;
 #[path = "common/moto.rs"]
 mod moto;
@@ -418,4 +420,254 @@ async fn s3_on_moto_end_to_end() {
     assert!(!target.exists(&key).await.unwrap());
 
     scenario(target).await;
+}
+
+// ------------------------------------------------------------------------
+// The binary end to end: the store's cut while clients write, the CLI,
+// restore into a new data directory served by a second sidecar.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{require_tool, run, run_ok, Output, Sidecar};
+
+/// Size of the exports of the end-to-end tests.
+const E2E_SIZE: u64 = 256 << 20;
+/// fio request size: every request writes one pattern region.
+const REGION: usize = 64 << 10;
+/// fio queue depth: at the cut at most this many requests are in flight.
+const DEPTH: usize = 4;
+
+/// The bytes fio writes into the region at `offset` in pass `version`:
+/// `verify_pattern=0x56<'0'+version>%o` repeats "V<digit>" followed by the
+/// request's offset (le64) from the start of each request.
+fn region_bytes(version: u8, offset: u64) -> Vec<u8> {
+    let mut unit = vec![0x56, b'0' + version];
+    unit.extend_from_slice(&offset.to_le_bytes());
+    unit.iter().copied().cycle().take(REGION).collect()
+}
+
+/// One sequential pass of fio over the whole export writing `version`,
+/// at `rate` (e.g. "64m") when given, so a cut lands in the middle.
+fn fio_pass(uri: &str, version: u8, rate: Option<&str>, dir: &Path) -> Child {
+    let mut c = Command::new("fio");
+    c.current_dir(dir).args([
+        "--name=pass",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=write",
+        &format!("--bs={REGION}"),
+        &format!("--iodepth={DEPTH}"),
+        &format!("--size={E2E_SIZE}"),
+        "--verify=pattern",
+        &format!("--verify_pattern=0x56{:02x}%o", b'0' + version),
+        "--do_verify=0",
+    ]);
+    if let Some(r) = rate {
+        c.arg(format!("--rate={r}"));
+    }
+    c.stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run fio")
+}
+
+fn wait_ok(c: Child, what: &str) {
+    let out = c.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Checks that `img` is the export at one instant of a sequential fio pass
+/// writing `new` over `old`: every region holds one of the two versions
+/// (nothing torn, nothing misplaced), and the regions written form the
+/// requests fio had issued by some point less at most `DEPTH` (those in
+/// flight at that instant): before the last new region, at most `DEPTH`
+/// regions are still old. A write after the cut leaking into the backup
+/// shows as a new region far beyond the others. Returns the number of new
+/// regions.
+fn check_cut(img: &[u8], new: u8, old: u8) -> Result<usize, String> {
+    let n = img.len() / REGION;
+    let mut is_new = Vec::with_capacity(n);
+    for r in 0..n {
+        let off = (r * REGION) as u64;
+        let got = &img[r * REGION..(r + 1) * REGION];
+        if got == region_bytes(new, off).as_slice() {
+            is_new.push(true);
+        } else if got == region_bytes(old, off).as_slice() {
+            is_new.push(false);
+        } else {
+            return Err(format!(
+                "region {r} (offset {off}) is neither version {new} nor {old}: torn or misplaced"
+            ));
+        }
+    }
+    let Some(last) = is_new.iter().rposition(|&x| x) else {
+        return Ok(0);
+    };
+    let holes = is_new[..last].iter().filter(|&&x| !x).count();
+    if holes > DEPTH {
+        return Err(format!(
+            "region {last} has version {new} but {holes} regions before it are still version {old} (at most {DEPTH} requests are in flight): a write after the cut leaked into the backup"
+        ));
+    }
+    Ok(is_new.iter().filter(|&&x| x).count())
+}
+
+/// Runs `ear-sidecar ARGS` with the environment of sidecar `s` (its
+/// default KEK) plus `env`.
+fn cli(s: &Sidecar, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(common::sidecar_bin());
+    c.args(args)
+        .env_remove("EAR_CONFIG")
+        .env("XDG_CONFIG_HOME", s.config_home());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    run(&mut c)
+}
+
+fn cli_ok(s: &Sidecar, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let out = cli(s, args, env);
+    assert!(
+        out.status.success(),
+        "ear-sidecar {args:?} failed ({}):\n{}",
+        out.status,
+        out.both()
+    );
+    out
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", out.both()))
+}
+
+/// Serves data directory `dir` (KEK `kek`) with a second sidecar and reads
+/// export `export` whole with nbdcopy.
+fn read_restored(
+    dir: &Path,
+    kek: &Path,
+    export: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Vec<u8> {
+    let kek = kek.display().to_string();
+    let mut args = vec!["--kms", "local", "--local-kek-file", kek.as_str()];
+    if !extra.is_empty() {
+        args = extra.to_vec();
+    }
+    let mut r = Sidecar::new_stopped(&args);
+    for (k, v) in env {
+        r.set_env(k, Some(v));
+    }
+    r.set_data_dir(dir.to_path_buf());
+    r.start_again();
+    let out = r.root().join("image");
+    run_ok(Command::new("nbdcopy").arg(r.uri(export)).arg(&out));
+    r.stop();
+    std::fs::read(&out).expect("read the copied image")
+}
+
+#[test]
+fn cut_under_fio_full_and_incremental_restore_to_the_image_at_each_cut() {
+    require_tool("fio");
+    require_tool("nbdcopy");
+    let mut s = Sidecar::start(&["--export", "v=256M"]);
+    let root = s.root().to_path_buf();
+    let dest = root.join("backups").display().to_string();
+    let adm = s.admin_socket().display().to_string();
+    let uri = s.uri("v");
+
+    wait_ok(fio_pass(&uri, 1, None, &root), "fio pass 1");
+    let mut reports = vec![];
+    for version in [2u8, 3] {
+        // The cut is taken while fio writes `version` over `version - 1`
+        // at 64 MiB/s (about 4 s for the export).
+        let fio = fio_pass(&uri, version, Some("64m"), &root);
+        std::thread::sleep(Duration::from_millis(1200));
+        let t = Instant::now();
+        let out = cli_ok(
+            &s,
+            &[
+                "backup",
+                "--export",
+                "v",
+                "--to",
+                &dest,
+                "--admin-socket",
+                &adm,
+                "--json",
+            ],
+            &[],
+        );
+        let took = t.elapsed();
+        wait_ok(fio, "fio pass");
+        let r = json(&out);
+        eprintln!(
+            "backup during pass {version}: {:?} total, cut pause {} us, {} blocks preserved, {} bytes uploaded",
+            took, r["cut"]["pause_us"], r["cut"]["preserved_blocks"], r["bytes_uploaded"]
+        );
+        reports.push(r);
+    }
+    assert_eq!(reports[0]["incremental"], false);
+    assert_eq!(reports[1]["incremental"], true);
+    assert_eq!(reports[1]["parent"], reports[0]["backup_id"]);
+    assert!(
+        reports
+            .iter()
+            .any(|r| r["cut"]["preserved_blocks"].as_u64() > Some(0)),
+        "fio wrote ahead of the backup reader: some blocks must have been preserved: {reports:?}"
+    );
+    let metrics_free = s.log();
+    assert!(metrics_free.contains("backup cut taken"), "{metrics_free}");
+
+    let listed = json(&cli_ok(
+        &s,
+        &["backup", "list", "--from", &dest, "--json"],
+        &[],
+    ));
+    assert_eq!(
+        listed["backups"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
+    cli_ok(
+        &s,
+        &["backup", "verify", "--from", &dest, "--decrypt-check"],
+        &[],
+    );
+
+    for (i, (new, old)) in [(2u8, 1u8), (3, 2)].into_iter().enumerate() {
+        let id = reports[i]["backup_id"].as_str().unwrap().to_string();
+        let dir = root.join(format!("restored-{i}"));
+        cli_ok(
+            &s,
+            &[
+                "restore",
+                "--from",
+                &dest,
+                "--backup",
+                &id,
+                "--data-dir",
+                &dir.display().to_string(),
+            ],
+            &[],
+        );
+        let img = read_restored(&dir, &s.kek_file(), "v", &[], &[]);
+        assert_eq!(img.len() as u64, E2E_SIZE);
+        let p = check_cut(&img, new, old).unwrap_or_else(|e| panic!("backup {id}: {e}"));
+        eprintln!(
+            "backup {id}: the image at the cut had {p} of {} regions of pass {new}",
+            E2E_SIZE as usize / REGION
+        );
+        assert!(
+            p > 0 && p < E2E_SIZE as usize / REGION,
+            "the cut must land inside the fio pass (got prefix {p})"
+        );
+    }
+    s.stop();
 }

@@ -104,6 +104,7 @@ impl Export {
         let nblocks = format::blocks_for(self.size());
         let last = (first + GROUP_BLOCKS).min(nblocks) - 1;
         let n = (last - first + 1) as usize;
+        let _gate = self.request_gate();
         let _g = self.locks().lock(first, last);
         let mut pairs = vec![0u8; n * PAIR_SIZE];
         self.io()

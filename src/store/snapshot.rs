@@ -280,9 +280,10 @@ impl Export {
         });
         let t = Instant::now();
         let (time, meta) = {
-            // Every stripe, in order: no write, trim or scrub step is inside
-            // a block while the cut is installed.
-            let _all = self.locks.lock_all();
+            // The gate, exclusively: no write, trim, write-zeroes or scrub
+            // step is in progress while the cut is installed, and none
+            // starts until it is (reads go on).
+            let _all = self.gate.write().unwrap_or_else(|p| p.into_inner());
             let mut slot = lock(&self.cut.state);
             if slot.is_some() {
                 return Err(StoreError::Config(format!(
