@@ -31,18 +31,6 @@ impl Default for StripeLocks {
 }
 
 impl StripeLocks {
-    /// Locks every stripe (in order): no block is locked by anyone else
-    /// while the guard lives.
-    pub fn lock_all(&self) -> RangeGuard<'_> {
-        RangeGuard {
-            _guards: self
-                .stripes
-                .iter()
-                .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
-                .collect(),
-        }
-    }
-
     /// Locks every stripe covering blocks `first..=last`.
     pub fn lock(&self, first: u64, last: u64) -> RangeGuard<'_> {
         let (u0, u1) = (first / UNIT_BLOCKS, last / UNIT_BLOCKS);
