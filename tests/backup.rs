@@ -671,3 +671,171 @@ fn cut_under_fio_full_and_incremental_restore_to_the_image_at_each_cut() {
     }
     s.stop();
 }
+
+/// Flips one byte of `file` at `at` (from its end when negative).
+fn flip(file: &Path, at: i64) {
+    let mut b = std::fs::read(file).unwrap();
+    let i = if at < 0 { b.len() as i64 + at } else { at } as usize;
+    b[i] ^= 0x01;
+    std::fs::write(file, b).unwrap();
+}
+
+fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn killed_backup_lists_nothing_tampering_and_a_wrong_kek_are_refused() {
+    require_tool("fio");
+    require_tool("nbdcopy");
+    let mut s = Sidecar::start(&["--export", "v=256M"]);
+    let root = s.root().to_path_buf();
+    let dest = root.join("backups");
+    let dest_s = dest.display().to_string();
+    let data = s.data_dir().display().to_string();
+    wait_ok(fio_pass(&s.uri("v"), 1, None, &root), "fio pass 1");
+    s.stop();
+
+    // SIGKILL in the middle of an offline backup (once its first chunk is stored).
+    let mut child = Command::new(common::sidecar_bin())
+        .args([
+            "backup",
+            "--export",
+            "v",
+            "--to",
+            &dest_s,
+            "--data-dir",
+            &data,
+        ])
+        .env("XDG_CONFIG_HOME", s.config_home())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn backup");
+    let t = Instant::now();
+    while files(&dest.join("objects")).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the backup stored nothing"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().expect("SIGKILL the backup");
+    child.wait().unwrap();
+    assert!(
+        files(&dest.join("manifests")).is_empty(),
+        "the backup finished before the kill; nothing was interrupted"
+    );
+    let out = cli(&s, &["backup", "list", "--from", &dest_s], &[]);
+    assert!(!out.status.success(), "{}", out.both());
+    assert!(out.stderr.contains("no backups"), "{}", out.both());
+    // The directory lock died with the process: the next backup works.
+    let r = json(&cli_ok(
+        &s,
+        &[
+            "backup",
+            "--export",
+            "v",
+            "--to",
+            &dest_s,
+            "--data-dir",
+            &data,
+            "--json",
+        ],
+        &[],
+    ));
+    assert_eq!(r["incremental"], false);
+    let id = r["backup_id"].as_str().unwrap().to_string();
+    let listed = json(&cli_ok(
+        &s,
+        &["backup", "list", "--from", &dest_s, "--json"],
+        &[],
+    ));
+    assert_eq!(
+        listed["backups"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    cli_ok(
+        &s,
+        &["backup", "verify", "--from", &dest_s, "--decrypt-check"],
+        &[],
+    );
+
+    // An edited chunk, then an edited manifest: verify and restore refuse.
+    let chunk = files(&dest.join("objects"))
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .unwrap();
+    let manifest = files(&dest.join("manifests")).pop().unwrap();
+    for (what, file, at, needle) in [
+        ("chunk", &chunk, -100, "SHA-256"),
+        ("manifest", &manifest, -10, "authentic"),
+    ] {
+        flip(file, at);
+        let v = cli(
+            &s,
+            &["backup", "verify", "--from", &dest_s, "--backup", &id],
+            &[],
+        );
+        assert!(!v.status.success(), "verify accepted an edited {what}");
+        assert!(v.stderr.contains(needle), "edited {what}: {}", v.both());
+        let dir = root.join(format!("restored-{what}"));
+        let r = cli(
+            &s,
+            &[
+                "restore",
+                "--from",
+                &dest_s,
+                "--data-dir",
+                &dir.display().to_string(),
+            ],
+            &[],
+        );
+        assert!(!r.status.success(), "restore accepted an edited {what}");
+        assert!(r.stderr.contains(needle), "edited {what}: {}", r.both());
+        assert!(!dir.exists(), "a refused restore must leave nothing behind");
+        eprintln!("edited {what}: {}", r.stderr.trim());
+        flip(file, at);
+    }
+
+    // Another KEK cannot unwrap the backup's keys.
+    let other = Sidecar::start(&[]);
+    let dir = root.join("restored-other-kek");
+    let r = cli(
+        &s,
+        &[
+            "restore",
+            "--from",
+            &dest_s,
+            "--data-dir",
+            &dir.display().to_string(),
+            "--local-kek-file",
+            &other.kek_file().display().to_string(),
+        ],
+        &[],
+    );
+    assert!(!r.status.success(), "restored with another KEK");
+    eprintln!("other KEK: {}", r.stderr.trim());
+    assert!(r.stderr.contains("unwrap"), "{}", r.both());
+
+    // The untouched backup restores to the image.
+    let dir = root.join("restored");
+    cli_ok(
+        &s,
+        &[
+            "restore",
+            "--from",
+            &dest_s,
+            "--data-dir",
+            &dir.display().to_string(),
+        ],
+        &[],
+    );
+    let img = read_restored(&dir, &s.kek_file(), "v", &[], &[]);
+    assert_eq!(check_cut(&img, 1, 1), Ok(E2E_SIZE as usize / REGION));
+}

@@ -180,6 +180,37 @@ async fn newest(
         .find(|m| export.is_none_or(|x| m.export == x)))
 }
 
+/// The newest usable backup (of `export`), or an error naming why each
+/// listed backup is unusable.
+async fn newest_usable(
+    target: &dyn BackupTarget,
+    keys: &ManifestKeys,
+    export: Option<&str>,
+) -> Result<BackupId> {
+    let list = chain::list(target, keys).await?;
+    if let Some(m) = list
+        .iter()
+        .rev()
+        .filter_map(|b| b.manifest.as_ref().ok())
+        .find(|m| export.is_none_or(|x| m.export == x))
+    {
+        return Ok(m.backup_id.clone());
+    }
+    let bad: Vec<String> = list
+        .iter()
+        .filter_map(|b| b.manifest.as_ref().err().map(|e| format!("{}: {e}", b.id)))
+        .collect();
+    let what = export.map_or(String::new(), |x| format!(" of export {x:?}"));
+    if bad.is_empty() {
+        bail!("no backup{what} in {}", target.describe());
+    }
+    bail!(
+        "no usable backup{what} in {}: {}",
+        target.describe(),
+        bad.join("; ")
+    )
+}
+
 /// A progress bar on a terminal (never with `--json`).
 struct Bar(Option<indicatif::ProgressBar>);
 
@@ -597,10 +628,7 @@ async fn verify(a: &BackupVerifyArgs) -> Result<()> {
     let (ring, keys, _, _) = destination_keys(&*target, id.as_ref(), None, &a.keys).await?;
     let id = match id {
         Some(id) => id,
-        None => newest(&*target, &keys, None)
-            .await?
-            .map(|m| m.backup_id)
-            .ok_or_else(|| anyhow!("no usable backup in {}", target.describe()))?,
+        None => newest_usable(&*target, &keys, None).await?,
     };
     let bar = Bar::new(a.json, "verify");
     let t = Instant::now();
@@ -680,10 +708,7 @@ async fn restore(a: &RestoreArgs) -> Result<()> {
                     exports.into_iter().collect::<Vec<_>>().join(", ")
                 );
             }
-            newest(&*target, &keys, a.export.as_deref())
-                .await?
-                .map(|m| m.backup_id)
-                .ok_or_else(|| anyhow!("no usable backup in {}", target.describe()))?
+            newest_usable(&*target, &keys, a.export.as_deref()).await?
         }
     };
     {
@@ -694,14 +719,25 @@ async fn restore(a: &RestoreArgs) -> Result<()> {
             .create(&a.data_dir)
             .with_context(|| format!("create {}", a.data_dir.display()))?;
     }
-    let _lock = super::lock_data_dir(&a.data_dir)?;
+    let lock = super::lock_data_dir(&a.data_dir)?;
     let sink = RestoreSink::new(&a.data_dir, dir_id_of(&reg)?, ring);
     let bar = Bar::new(a.json, "restore");
     let r = backup::restore(Arc::clone(&target), &id, &keys, sink, 4, &|p| bar.update(p)).await;
     bar.done();
-    let (_, stats) = r?;
-    // The registry last: a directory without it is visibly incomplete.
-    store::snapshot::write_new_file(&Registry::path_in(&a.data_dir), &raw)?;
+    let r = r.map_err(anyhow::Error::from).and_then(|(_, stats)| {
+        // The registry last: a directory without it is visibly incomplete.
+        store::snapshot::write_new_file(&Registry::path_in(&a.data_dir), &raw)?;
+        Ok(stats)
+    });
+    let stats = match r {
+        Ok(s) => s,
+        Err(e) => {
+            // The directory was empty or absent: leave nothing half-restored.
+            drop(lock);
+            let _ = std::fs::remove_dir_all(&a.data_dir);
+            return Err(e);
+        }
+    };
     if a.json {
         println!(
             "{}",
