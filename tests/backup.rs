@@ -839,3 +839,141 @@ fn killed_backup_lists_nothing_tampering_and_a_wrong_kek_are_refused() {
     let img = read_restored(&dir, &s.kek_file(), "v", &[], &[]);
     assert_eq!(check_cut(&img, 1, 1), Ok(E2E_SIZE as usize / REGION));
 }
+
+#[test]
+fn aws_kms_and_s3_online_backup_restores_and_a_disabled_cmk_fails_clearly() {
+    require_tool("qemu-io");
+    require_tool("nbdcopy");
+    let Some(moto) = moto::Moto::start() else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let arn = rt.block_on(moto.create_key(aws_sdk_kms::types::KeySpec::SymmetricDefault, false));
+    rt.block_on(async {
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new(moto::REGION))
+            .endpoint_url(&moto.endpoint)
+            .force_path_style(true)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "testing", "testing", None, None, "moto",
+            ))
+            .build();
+        aws_sdk_s3::Client::from_conf(conf)
+            .create_bucket()
+            .bucket("ear-e2e")
+            .send()
+            .await
+            .expect("CreateBucket on moto");
+    });
+    let env: Vec<(&str, &str)> = vec![
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_SESSION_TOKEN", "testing"),
+        ("AWS_REGION", moto::REGION),
+        ("AWS_ENDPOINT_URL_KMS", &moto.endpoint),
+        ("AWS_ENDPOINT_URL_S3", &moto.endpoint),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ];
+    let aws_args = ["--kms", "aws", "--kms-key-id", arn.as_str()];
+    let mut s = Sidecar::new_stopped(&[]);
+    for (k, v) in &env {
+        s.set_env(k, Some(v));
+    }
+    let mut args = aws_args.to_vec();
+    args.extend(["--export", "v=32M"]);
+    s.set_args(&args);
+    s.start_again();
+    common::qemu_io(
+        &s.uri("v"),
+        &[
+            "write -P 0x5a 0 4M",
+            "write -P 0xa5 20M 1M",
+            "discard 1M 512k",
+        ],
+    );
+    let dest = "s3://ear-e2e/cluster/node-0";
+    let adm = s.admin_socket().display().to_string();
+    let r = json(&cli_ok(
+        &s,
+        &[
+            "backup",
+            "--export",
+            "v",
+            "--to",
+            dest,
+            "--admin-socket",
+            &adm,
+            "--json",
+        ],
+        &env,
+    ));
+    common::qemu_io(&s.uri("v"), &["write -P 0x33 8M 1M"]);
+    let r2 = json(&cli_ok(
+        &s,
+        &[
+            "backup",
+            "--export",
+            "v",
+            "--to",
+            dest,
+            "--admin-socket",
+            &adm,
+            "--json",
+        ],
+        &env,
+    ));
+    assert_eq!(r2["parent"], r["backup_id"]);
+    let live = s.root().join("live.img");
+    run_ok(Command::new("nbdcopy").arg(s.uri("v")).arg(&live));
+    let live = std::fs::read(&live).unwrap();
+    s.stop();
+
+    let kms = ["--kms-endpoint", moto.endpoint.as_str()];
+    let restore = |name: &str| {
+        let dir = s.root().join(name);
+        let mut a = vec!["restore", "--from", dest, "--data-dir"];
+        let d = dir.display().to_string();
+        a.push(&d);
+        a.extend(kms);
+        (dir.clone(), cli(&s, &a, &env))
+    };
+    let (dir, out) = restore("restored");
+    assert!(out.status.success(), "{}", out.both());
+    let mut serve = aws_args.to_vec();
+    serve.extend(["--log-level", "warn"]);
+    let img = read_restored(&dir, Path::new(""), "v", &serve, &env);
+    if let Some(i) = img.iter().zip(&live).position(|(a, b)| a != b) {
+        panic!(
+            "the restored image differs from the export at byte {i} (lengths {} and {}): {:x} vs {:x}",
+            img.len(),
+            live.len(),
+            img[i],
+            live[i]
+        );
+    }
+    assert_eq!(img.len(), live.len());
+
+    // Disabled CMK: restore and the decrypt check fail and say why.
+    rt.block_on(moto.set_enabled(&arn, false));
+    let (dir, out) = restore("restored-disabled");
+    assert!(!out.status.success(), "restored under a disabled CMK");
+    eprintln!("disabled CMK, restore: {}", out.stderr.trim());
+    assert!(
+        out.stderr.to_lowercase().contains("disabled"),
+        "{}",
+        out.both()
+    );
+    assert!(!dir.exists());
+    let mut v = vec!["backup", "verify", "--from", dest, "--decrypt-check"];
+    v.extend(kms);
+    let out = cli(&s, &v, &env);
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.to_lowercase().contains("disabled"),
+        "{}",
+        out.both()
+    );
+    rt.block_on(moto.set_enabled(&arn, true));
+    cli_ok(&s, &v, &env);
+}

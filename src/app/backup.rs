@@ -74,6 +74,18 @@ async fn unwrap(reg: &Registry, k: &BackupKeyArgs) -> Result<Arc<KeyRing>> {
         &k.kms_region,
     )
     .await?;
+    // KMS may still decrypt under a key it reports disabled or pending
+    // deletion (moto does); the key's state decides, as at serve start-up.
+    if let crate::keys::MasterKeyState::Revoked(why) = p
+        .master_key_state()
+        .await
+        .context("check the CMK's state")?
+    {
+        bail!(
+            "the CMK {} is not usable ({why}); every backup made under it is unreadable until it is enabled again",
+            reg.master_key_id().unwrap_or("?")
+        );
+    }
     let ring = reg
         .unwrap_all(p.as_ref(), 64)
         .await
