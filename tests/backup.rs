@@ -977,3 +977,117 @@ fn aws_kms_and_s3_online_backup_restores_and_a_disabled_cmk_fails_clearly() {
     rt.block_on(moto.set_enabled(&arn, true));
     cli_ok(&s, &v, &env);
 }
+
+#[test]
+fn ext4_fsfreeze_backup_restores_to_a_clean_filesystem() {
+    if let Some(why) =
+        attach::missing_prerequisite(&["mkfs.ext4", "e2fsck", "fsfreeze", "sha256sum"])
+    {
+        println!("SKIPPED: ext4_fsfreeze_backup_restores_to_a_clean_filesystem: {why}");
+        return;
+    }
+    let mut s = Sidecar::start(&["--export", "default=96M"]);
+    let root = s.root().to_path_buf();
+    let mut a = attach::Attached::new(&s.socket(), &root.join("live"));
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&a.loopdev));
+    a.mount();
+    let mnt = a.mnt.display().to_string();
+    // Files whose content the restored filesystem must have, with their
+    // checksums outside the volume.
+    run_ok(Command::new("sh").arg("-c").arg(format!(
+        "cd {mnt} && for i in $(seq 1 16); do head -c 1048576 /dev/urandom > f$i; done && sync && sha256sum f* > {}",
+        root.join("sums").display()
+    )));
+    // A writer that keeps changing the filesystem during the backup.
+    let mut writer = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "i=0; while :; do head -c 262144 /dev/urandom > {mnt}/w$((i % 8)); i=$((i+1)); done"
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let hook = root.join("hook.sh");
+    let hook_log = root.join("hook.log");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nset -e\ncase \"$1\" in\n  freeze) fsfreeze -f {mnt} ;;\n  thaw) fsfreeze -u {mnt} ;;\nesac\necho \"$1 $(date +%s%N)\" >> {}\n",
+            hook_log.display()
+        ),
+    )
+    .unwrap();
+    let dest = root.join("backups").display().to_string();
+    let adm = s.admin_socket().display().to_string();
+    let hook_cmd = format!("sh {}", hook.display());
+    let r = json(&cli_ok(
+        &s,
+        &[
+            "backup",
+            "--export",
+            "default",
+            "--to",
+            &dest,
+            "--admin-socket",
+            &adm,
+            "--freeze-hook",
+            &hook_cmd,
+            "--json",
+        ],
+        &[],
+    ));
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let log = std::fs::read_to_string(&hook_log).unwrap();
+    let stamps: Vec<u64> = log
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1)?.parse().ok())
+        .collect();
+    assert!(
+        log.starts_with("freeze ") && log.lines().nth(1).is_some_and(|l| l.starts_with("thaw ")),
+        "{log}"
+    );
+    eprintln!(
+        "filesystem frozen for {:.1} ms (the hook's own time included); cut pause {} us; backup took {} s",
+        (stamps[1] - stamps[0]) as f64 / 1e6,
+        r["cut"]["pause_us"],
+        r["duration"]
+    );
+    a.detach();
+    s.stop();
+
+    let dir = root.join("restored");
+    cli_ok(
+        &s,
+        &[
+            "restore",
+            "--from",
+            &dest,
+            "--data-dir",
+            &dir.display().to_string(),
+        ],
+        &[],
+    );
+    let kek = s.kek_file().display().to_string();
+    let mut r = Sidecar::new_stopped(&["--kms", "local", "--local-kek-file", &kek]);
+    r.set_data_dir(dir);
+    r.start_again();
+    let mut b = attach::Attached::new(&r.socket(), &r.root().join("restored"));
+    let fsck = run(Command::new("e2fsck").args(["-fn", &b.loopdev]));
+    assert_eq!(
+        fsck.status.code(),
+        Some(0),
+        "e2fsck of the restored image:\n{}",
+        fsck.both()
+    );
+    b.mount();
+    run_ok(Command::new("sh").arg("-c").arg(format!(
+        "cd {} && sha256sum -c --quiet {}",
+        b.mnt.display(),
+        root.join("sums").display()
+    )));
+    b.detach();
+    r.stop();
+}
