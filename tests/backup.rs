@@ -672,6 +672,16 @@ fn cut_under_fio_full_and_incremental_restore_to_the_image_at_each_cut() {
     s.stop();
 }
 
+/// The body of `GET path` on `addr` (HTTP/1.0, no keep-alive).
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).expect("connect to the metrics listener");
+    write!(c, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out
+}
+
 /// Flips one byte of `file` at `at` (from its end when negative).
 fn flip(file: &Path, at: i64) {
     let mut b = std::fs::read(file).unwrap();
@@ -883,6 +893,7 @@ fn aws_kms_and_s3_online_backup_restores_and_a_disabled_cmk_fails_clearly() {
     let mut args = aws_args.to_vec();
     args.extend(["--export", "v=32M"]);
     s.set_args(&args);
+    s.set_metrics_addr(&format!("127.0.0.1:{}", moto::free_port()));
     s.start_again();
     common::qemu_io(
         &s.uri("v"),
@@ -924,6 +935,15 @@ fn aws_kms_and_s3_online_backup_restores_and_a_disabled_cmk_fails_clearly() {
         &env,
     ));
     assert_eq!(r2["parent"], r["backup_id"]);
+    let scrape = http_get(s.metrics_addr(), "/metrics");
+    for m in [
+        "ear_backup_last_success_timestamp_seconds{export=\"v\"}",
+        "ear_backup_last_duration_seconds{export=\"v\"}",
+        "ear_backup_last_bytes{export=\"v\"}",
+        "ear_backup_last_cut_pause_seconds{export=\"v\"}",
+    ] {
+        assert!(scrape.contains(m), "{m} missing from /metrics:\n{scrape}");
+    }
     let live = s.root().join("live.img");
     run_ok(Command::new("nbdcopy").arg(s.uri("v")).arg(&live));
     let live = std::fs::read(&live).unwrap();

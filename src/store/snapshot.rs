@@ -520,7 +520,7 @@ impl Snapshot {
                 let b = first + i as u64;
                 if let Some(p) = inner.preserved.remove(&b) {
                     let data = match p.data {
-                        Some(s) => Some(inner.load(s).map_err(StoreError::Config)?),
+                        Some(s) => Some(Bytes::from(inner.load(s).map_err(StoreError::Config)?)),
                         None => None,
                     };
                     found.push((b, p.slot.map(|s| (s, data))));
@@ -543,6 +543,8 @@ impl Snapshot {
                 let mut data = vec![0u8; (hi - lo + 1) * BLOCK_SIZE];
                 e.io.read_full_at(&mut data, format::data_offset(first + lo as u64))
                     .map_err(|source| e.io_err("read", source))?;
+                // Records share the buffer (no copy per block).
+                let data = Bytes::from(data);
                 let mut cache = KeyCache::default();
                 for i in disk {
                     let b = first + i as u64;
@@ -551,7 +553,10 @@ impl Snapshot {
                     let rec = match e.valid_slot(b, pair, blk, &mut cache)? {
                         None => None,
                         Some((s, Kind::Zero)) => Some((s, None)),
-                        Some((s, Kind::Data)) => Some((s, Some(blk.to_vec()))),
+                        Some((s, Kind::Data)) => Some((
+                            s,
+                            Some(data.slice((i - lo) * BLOCK_SIZE..(i - lo + 1) * BLOCK_SIZE)),
+                        )),
                     };
                     found.push((b, rec));
                 }
@@ -563,7 +568,7 @@ impl Snapshot {
         found.sort_by_key(|(b, _)| *b);
         for (b, rec) in found {
             let record = match rec {
-                Some((slot, data)) => BlockRecord::new(b, slot, data.map(Bytes::from)),
+                Some((slot, data)) => BlockRecord::new(b, slot, data),
                 // Nothing valid: reads as zeros. Only a block the parent
                 // holds needs a record (a zero slot) to read as zeros.
                 None if base.get(b).is_some() => {
@@ -588,7 +593,7 @@ impl Snapshot {
 
 /// A block at the cut: `None` reads as zeros without a valid slot; else its
 /// raw slot and, for data, the ciphertext.
-type AtCut = Option<([u8; SLOT_SIZE], Option<Vec<u8>>)>;
+type AtCut = Option<([u8; SLOT_SIZE], Option<Bytes>)>;
 
 /// True when block `b`'s newest slot is the one `base` records.
 fn newest_matches(b: u64, pair: &[u8], base: &SlotIndex) -> bool {
