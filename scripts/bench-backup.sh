@@ -53,10 +53,11 @@ done
 lat() {
     fio --name=lat --ioengine=nbd --uri="nbd+unix:///v?socket=$W/s.sock" --rw=randwrite --bs=4k \
         --iodepth=16 --size="${SIZE_MIB}M" --time_based --runtime="$RUNTIME" --output-format=json \
-        --percentile_list=50:99:99.9 > "$1"
+        --percentile_list=50:99:99.9 > "$1" 2>&1
     python3 - "$1" <<'PY'
 import json, sys
-j = json.load(open(sys.argv[1]))["jobs"][0]["write"]
+text = open(sys.argv[1]).read()
+j = json.loads(text[text.index("{"):])["jobs"][0]["write"]
 p = j["clat_ns"]["percentile"]
 print("iops %.0f  p50 %.0f us  p99 %.0f us  p99.9 %.0f us" % (
     j["iops"], p["50.000000"] / 1e3, p["99.000000"] / 1e3, p["99.900000"] / 1e3))
@@ -69,7 +70,7 @@ lat "$W/alone.json"
 echo "the same while online backups run back to back:"
 ( while :; do
     "$BIN" backup --export v --to "$W/bk" --admin-socket "$W/s.admin.sock" --json 2>/dev/null \
-        | python3 -c 'import json,sys; r=json.load(sys.stdin); print("  cut pause %d us, %d blocks preserved, %.1f s" % (r["cut"]["pause_us"], r["cut"]["preserved_blocks"], r["duration"]))' \
+        | python3 -c 'import json,sys; r=json.load(sys.stdin); print("  cut pause %d us, %d blocks preserved, %.1f s" % (r["cut"]["pause_us"], r["cut"]["preserved_blocks"], r["duration"]))' 2>/dev/null \
         || break
   done ) &
 LOOP=$!
