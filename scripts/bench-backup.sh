@@ -36,18 +36,22 @@ fio --name=fill --ioengine=nbd --uri="nbd+unix:///v?socket=$W/s.sock" --rw=write
 stop
 BACKING="$W/data/exports/v.ear"
 echo "export ${SIZE_MIB} MiB, backing file $(stat -c %s "$BACKING") bytes"
-echo "round  dd_read_s  backup_s  backup/dd  restore_s  restore/dd"
+echo "round  dd_read_s  copy_s  backup_s  backup/dd  backup/copy  restore_s  restore/dd"
 for r in $(seq "$ROUNDS"); do
     rm -rf "$W/bk" "$W/restored"
     drop; t0=$(date +%s%N); dd if="$BACKING" of=/dev/null bs=1M status=none; t1=$(date +%s%N)
     dd_s=$(secs "$t0" "$t1")
+    # A plain copy of the backing file to the same disk, fsynced: what any
+    # local backup has to do at least.
+    drop; t0=$(date +%s%N); dd if="$BACKING" of="$W/copy" bs=1M conv=fsync status=none; t1=$(date +%s%N)
+    c_s=$(secs "$t0" "$t1"); rm -f "$W/copy"
     drop; t0=$(date +%s%N)
     "$BIN" backup --export v --to "$W/bk" --data-dir "$W/data" --local-kek-file "$KEK" --full --json >/dev/null
     t1=$(date +%s%N); b_s=$(secs "$t0" "$t1")
     drop; t0=$(date +%s%N)
     "$BIN" restore --from "$W/bk" --data-dir "$W/restored" --local-kek-file "$KEK" --json >/dev/null
     sync; t1=$(date +%s%N); r_s=$(secs "$t0" "$t1")
-    echo "$r  $dd_s  $b_s  $(echo "scale=2; $dd_s / $b_s" | bc)  $r_s  $(echo "scale=2; $dd_s / $r_s" | bc)"
+    echo "$r  $dd_s  $c_s  $b_s  $(echo "scale=2; $dd_s / $b_s" | bc)  $(echo "scale=2; $c_s / $b_s" | bc)  $r_s  $(echo "scale=2; $dd_s / $r_s" | bc)"
 done
 
 lat() {
