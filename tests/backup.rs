@@ -485,7 +485,7 @@ fn wait_ok(c: Child, what: &str) {
 /// Checks that `img` is the export at one instant of a sequential fio pass
 /// writing `new` over `old`: every region holds one of the two versions
 /// (nothing torn, nothing misplaced), and the regions written form the
-/// requests fio had issued by some point less at most `DEPTH` (those in
+/// requests fio had issued by some point, less at most `DEPTH` (those in
 /// flight at that instant): before the last new region, at most `DEPTH`
 /// regions are still old. A write after the cut leaking into the backup
 /// shows as a new region far beyond the others. Returns the number of new
