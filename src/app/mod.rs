@@ -27,7 +27,7 @@ use crate::keys::aws::{self, AwsKmsOptions, AwsKmsProvider, CheckOutcome, Valida
 use crate::keys::local::LocalProvider;
 use crate::keys::memory;
 use crate::keys::registry::Registry;
-use crate::keys::revocation::{watch_master_key, RevocationState};
+use crate::keys::revocation::{watch_key, Canary, RevocationState, WatchedKey};
 use crate::keys::{with_deadline, DeadlineError, KeyError, KeyProvider, MasterKeyState};
 use crate::server::observe::RequestMetrics;
 use crate::server::{self, ServerConfig, Shared};
@@ -42,7 +42,7 @@ pub struct App {
     store: Arc<Store>,
     shared: Arc<Shared>,
     listener: UnixListener,
-    provider: Option<Arc<dyn KeyProvider>>,
+    watched: Option<Arc<WatchedKey>>,
     keys: Option<Arc<KeyRing>>,
     revocation: Arc<RevocationState>,
 }
@@ -149,7 +149,7 @@ impl App {
         if let Some(p) = &aws_provider {
             check_aws_key(&cfg, p, &startup, existing.is_none()).await?;
         }
-        let registry = match existing {
+        let mut registry = match existing {
             Some(r) => r,
             None => {
                 tracing::info!(data_dir = %cfg.data_dir.display(), encryption = encryption_on,
@@ -170,14 +170,36 @@ impl App {
                     .context("unwrap the universe key")?;
                 tracing::info!(provider = p.kind(), versions = ?ring.snapshot().versions,
                     elapsed_ms = t.elapsed().as_millis() as u64, "universe keys unwrapped into memory");
+                // `unwrap_all` verified the MAC; a registry from before
+                // sealing existed gets one now, once.
+                if !registry.is_sealed() {
+                    registry
+                        .save(Some(&ring))
+                        .context("seal the key registry")?;
+                    tracing::info!(registry = %registry.path().display(),
+                        "key registry sealed with a MAC (first start with registry integrity)");
+                }
                 Some(Arc::new(ring))
             }
             None => None,
         };
+        check_header_versions(&cfg.data_dir, &registry)?;
         let store = Arc::new(open_store(&cfg, &registry, keys.clone())?);
 
-        // Master-key revocation state, filled by the watcher `run` spawns.
+        // Master-key revocation state, filled by the watcher `run` spawns;
+        // the canary it unwraps is the active version's wrapped key.
         let revocation = Arc::new(RevocationState::new());
+        let watched = provider.as_ref().map(|p| {
+            let canary = registry
+                .key_versions()
+                .iter()
+                .find(|v| Some(v.version) == registry.active_version())
+                .map(|v| Canary {
+                    wrapped: v.wrapped.clone(),
+                    context: v.context.clone(),
+                });
+            Arc::new(WatchedKey::new(Arc::clone(p), canary))
+        });
         if let Some(k) = &keys {
             health.watch_key_ring(Arc::clone(k));
             health.watch_revocation(Arc::clone(&revocation));
@@ -210,7 +232,7 @@ impl App {
             store,
             shared,
             listener,
-            provider,
+            watched,
             keys,
             revocation,
         })
@@ -226,7 +248,7 @@ impl App {
         let (stop_watcher, watcher_stopped) = tokio::sync::oneshot::channel::<()>();
         let watcher = spawn_revocation_watcher(
             &self.cfg,
-            self.provider.clone(),
+            self.watched.clone(),
             self.keys.clone(),
             Arc::clone(&self.revocation),
             Arc::clone(&self.health),
@@ -456,6 +478,30 @@ fn check_provider_kind(cfg: &ServeConfig, r: &Registry) -> Result<()> {
     }
 }
 
+/// Refuses to serve when an export's header names a key version the registry
+/// does not hold: the registry lost a version that data still uses (edited,
+/// or replaced by an older copy), and that data could never be read.
+fn check_header_versions(dir: &Path, registry: &Registry) -> Result<()> {
+    if !registry.encryption_on() {
+        return Ok(());
+    }
+    let held: Vec<u32> = registry.versions().iter().map(|v| v.version).collect();
+    for e in store::inspect(dir)? {
+        if e.error.is_none() && e.header_key_version != 0 && !held.contains(&e.header_key_version) {
+            bail!(
+                "export {} is under key version {}, which the key registry {} does not hold \
+                 (it holds {:?}): keys.json was edited or replaced by an older copy; restore \
+                 the keys.json that belongs to this data",
+                e.name,
+                e.header_key_version,
+                registry.path().display(),
+                held
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Refuses to create a key registry beside existing exports: their headers
 /// are bound to the lost registry's keys, so a new one could never open them.
 fn refuse_orphan_exports(dir: &Path) -> Result<()> {
@@ -526,7 +572,7 @@ fn validation_failures(report: &ValidationReport) -> String {
 /// fails closed (keys wiped, I/O answered with EIO), readiness is withdrawn.
 fn spawn_revocation_watcher(
     cfg: &ServeConfig,
-    provider: Option<Arc<dyn KeyProvider>>,
+    watched: Option<Arc<WatchedKey>>,
     keys: Option<Arc<KeyRing>>,
     state: Arc<RevocationState>,
     health: Arc<Health>,
@@ -537,7 +583,7 @@ fn spawn_revocation_watcher(
     if !matches!(cfg.kms, Some(KmsConfig::Aws { .. })) {
         return None;
     }
-    let (provider, ring) = (provider?, keys?);
+    let (watched, ring) = (watched?, keys?);
     let (interval, grace) = (cfg.kms_check_interval, cfg.kms_revocation_grace);
     tracing::info!(
         interval_secs = interval.as_secs_f64(),
@@ -545,15 +591,7 @@ fn spawn_revocation_watcher(
         "master key revocation check running"
     );
     Some(tokio::spawn(async move {
-        watch_master_key(
-            provider,
-            ring,
-            interval,
-            grace,
-            Arc::clone(&state),
-            shutdown,
-        )
-        .await;
+        watch_key(watched, ring, interval, grace, Arc::clone(&state), shutdown).await;
         if state.is_failed_closed() {
             health
                 .ready

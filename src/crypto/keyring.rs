@@ -136,6 +136,28 @@ impl KeyRing {
         Ok(keys)
     }
 
+    /// HMAC-SHA256 of `msg` under the registry MAC key derived from universe
+    /// key `version` (see [`super::registry_mac`]). Fails when that version is
+    /// not loaded or the ring was wiped.
+    pub fn registry_mac(
+        &self,
+        version: u32,
+        dir_id: &[u8; 16],
+        msg: &[u8],
+    ) -> Result<[u8; 32], CryptoError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
+        }
+        let universe = {
+            let map = self.universe.read().unwrap_or_else(|p| p.into_inner());
+            match map.get(&version) {
+                Some(k) => Arc::clone(k),
+                None => return Err(CryptoError::UnknownVersion(version)),
+            }
+        };
+        Ok(super::registry_mac(&universe, dir_id, msg))
+    }
+
     /// Fail closed: drop every universe and derived key held here and refuse all
     /// further lookups. Requests that already hold an `Arc<FileKeys>` finish;
     /// memory is zeroized when the last holder drops it.
