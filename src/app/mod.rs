@@ -9,6 +9,7 @@
 
 pub mod check;
 pub mod commands;
+pub mod keys_wrap;
 
 use std::fs::File;
 use std::future::Future;
@@ -552,7 +553,7 @@ fn log_validation(report: &ValidationReport) {
 }
 
 /// One message naming every failed (or skipped) check.
-fn validation_failures(report: &ValidationReport) -> String {
+pub(crate) fn validation_failures(report: &ValidationReport) -> String {
     let mut out = format!(
         "AWS KMS key {} failed validation ({} check(s) failed):",
         report.key_arn,

@@ -158,6 +158,19 @@ impl KeyRing {
         Ok(super::registry_mac(&universe, dir_id, msg))
     }
 
+    /// True when `other` holds exactly the same versions with the same
+    /// universe keys (compared in constant time per key). A rewrap checks
+    /// with it that the new blobs unwrap to the keys in use.
+    pub fn holds_same_keys(&self, other: &KeyRing) -> bool {
+        use subtle::ConstantTimeEq;
+        let a = self.universe.read().unwrap_or_else(|p| p.into_inner());
+        let b = other.universe.read().unwrap_or_else(|p| p.into_inner());
+        a.len() == b.len()
+            && a.iter().zip(b.iter()).all(|((va, ka), (vb, kb))| {
+                va == vb && bool::from(ka.expose()[..].ct_eq(&kb.expose()[..]))
+            })
+    }
+
     /// Fail closed: drop every universe and derived key held here and refuse all
     /// further lookups. Requests that already hold an `Arc<FileKeys>` finish;
     /// memory is zeroized when the last holder drops it.
@@ -248,6 +261,17 @@ mod tests {
             r.file_keys(&[i; 16], 1, 1).unwrap();
         }
         assert!(r.stats().evictions.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn same_keys_compares_versions_and_bytes() {
+        let k = SecretKey::generate().unwrap();
+        let a = KeyRing::new(BTreeMap::from([(1, k.duplicate())]), 1, 4).unwrap();
+        let b = KeyRing::new(BTreeMap::from([(1, k.duplicate())]), 1, 4).unwrap();
+        let c = KeyRing::new(BTreeMap::from([(2, k.duplicate())]), 2, 4).unwrap();
+        assert!(a.holds_same_keys(&b));
+        assert!(!a.holds_same_keys(&c));
+        assert!(!a.holds_same_keys(&ring(4)));
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod local;
 pub mod memory;
 pub mod registry;
 pub mod revocation;
+pub mod rewrap;
 
 /// Key/value pairs bound to a wrapped key (AWS KMS `EncryptionContext`; AAD for
 /// the local provider). Ordered so that its canonical encoding is stable.
