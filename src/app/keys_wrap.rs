@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::config::{KmsConfig, RewrapArgs};
 use crate::crypto::KeyRing;
-use crate::keys::aws::AwsKmsProvider;
+use crate::keys::aws::{AwsKmsProvider, CheckOutcome};
 use crate::keys::local::LocalProvider;
 use crate::keys::registry::Registry;
 use crate::keys::rewrap::{rewrap, RewrapOutcome};
@@ -98,9 +98,20 @@ pub(crate) async fn validated_target(target: &KmsConfig) -> Result<AwsKmsProvide
         .context("new AWS KMS key provider")?;
     let report = to.validate().await;
     if !report.is_ok() {
+        let failed: Vec<String> = report
+            .checks
+            .iter()
+            .filter_map(|c| match &c.outcome {
+                CheckOutcome::Failed(m) => Some(format!("{}: {m}", c.name)),
+                CheckOutcome::Skipped(w) => Some(format!("{} skipped: {w}", c.name)),
+                CheckOutcome::Passed(_) => None,
+            })
+            .collect();
         bail!(
-            "refusing to rewrap: {}",
-            super::validation_failures(&report).replace('\n', ";")
+            "refusing to rewrap: the new AWS KMS key {} failed validation (as validate-key \
+             checks it): {}",
+            report.key_arn,
+            failed.join("; ")
         );
     }
     Ok(to)
@@ -209,13 +220,13 @@ fn print_outcome(args: &RewrapArgs, dir: &std::path::Path, out: &RewrapOutcome, 
         format!("{} can now be disabled", out.from_master_key_id)
     };
     let when = if online {
-        "the running sidecar keeps its keys; its next start"
+        "the running sidecar keeps its keys in memory; restart it with"
     } else {
-        "start the sidecar"
+        "start the sidecar with"
     };
     println!(
         "rewrapped key version(s) {versions} of {} from {} {} to {} {} ({method}); {when} \
-         must use {restart}; {old}",
+         {restart}; {old}",
         dir.display(),
         out.from_provider,
         out.from_master_key_id,

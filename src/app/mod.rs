@@ -465,14 +465,16 @@ fn check_provider_kind(cfg: &ServeConfig, r: &Registry) -> Result<()> {
     };
     match r.provider() {
         Some("aws") if configured != "aws" => bail!(
-            "data directory {} uses provider aws (key {}); pass --kms aws --kms-key-id {}",
+            "data directory {} uses provider aws (key {}); pass --kms aws --kms-key-id {} \
+             (if keys.json was edited, restore it from backup)",
             cfg.data_dir.display(),
             r.master_key_id().unwrap_or("?"),
             r.master_key_id().unwrap_or("ARN")
         ),
         Some("local") if configured != "local" => bail!(
             "data directory {} uses provider local; pass --kms local --local-kek-file PATH \
-             (to move it to AWS KMS, rewrap its keys first)",
+             (to move it to AWS KMS, rewrap its keys first: keys rewrap --kms aws; if keys.json \
+             was edited, restore it from backup)",
             cfg.data_dir.display()
         ),
         _ => Ok(()),
@@ -553,7 +555,7 @@ fn log_validation(report: &ValidationReport) {
 }
 
 /// One message naming every failed (or skipped) check.
-pub(crate) fn validation_failures(report: &ValidationReport) -> String {
+fn validation_failures(report: &ValidationReport) -> String {
     let mut out = format!(
         "AWS KMS key {} failed validation ({} check(s) failed):",
         report.key_arn,

@@ -513,11 +513,11 @@ impl Registry {
                 return Ok(Seal::Legacy);
             }
             return Err(self.error(format!(
-                "has no \"mac\" but holds key versions {:?} (active {:?}): only a registry \
+                "has no \"mac\" but holds key versions {:?} (active {}): only a registry \
                  from before sealing (version 1 alone) may lack it, so this file was edited \
                  offline; restore keys.json from backup",
                 self.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
-                self.active_version
+                self.active_version.unwrap_or(0)
             )));
         };
         let want = self.compute_mac(ring)?;
@@ -578,13 +578,14 @@ impl Registry {
                 "data directory {dir} was initialised with a different local KEK \
                  (fingerprint {stored_id}); the configured KEK file (--local-kek-file) has \
                  fingerprint {configured_id}. Restore the original KEK file; the data cannot be \
-                 read without it"
+                 read without it (if keys.json was edited instead, restore it from backup)"
             )));
         }
         if configured_id != stored_id {
             return Err(KeyError::Config(format!(
                 "data directory {dir} is encrypted under master key {stored_id}; refusing to \
-                 start with {configured_id}; changing keys is an explicit operation"
+                 start with {configured_id}; changing keys is an explicit operation (keys \
+                 rewrap), and if keys.json was edited, restore it from backup"
             )));
         }
         Ok(())
