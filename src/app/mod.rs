@@ -190,17 +190,9 @@ impl App {
         // Master-key revocation state, filled by the watcher `run` spawns;
         // the canary it unwraps is the active version's wrapped key.
         let revocation = Arc::new(RevocationState::new());
-        let watched = provider.as_ref().map(|p| {
-            let canary = registry
-                .key_versions()
-                .iter()
-                .find(|v| Some(v.version) == registry.active_version())
-                .map(|v| Canary {
-                    wrapped: v.wrapped.clone(),
-                    context: v.context.clone(),
-                });
-            Arc::new(WatchedKey::new(Arc::clone(p), canary))
-        });
+        let watched = provider
+            .as_ref()
+            .map(|p| Arc::new(WatchedKey::new(Arc::clone(p), Canary::active_of(&registry))));
         if let Some(k) = &keys {
             health.watch_key_ring(Arc::clone(k));
             health.watch_revocation(Arc::clone(&revocation));
@@ -655,6 +647,35 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn an_export_under_a_version_the_registry_lacks_is_refused() {
+        use crate::crypto::SecretKey;
+        use crate::store::{ExportName, ExportSpec};
+        use std::collections::BTreeMap;
+        let keys = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let p = LocalProvider::open_or_create(&keys.path().join("kek"), true).unwrap();
+        let reg = Registry::create(data.path(), true, Some(&p)).await.unwrap();
+        let dir_id: [u8; 16] = hex::decode(reg.dir_id()).unwrap().try_into().unwrap();
+        check_header_versions(data.path(), &reg).unwrap();
+        // An export written under version 2, which this registry does not hold.
+        let ring =
+            KeyRing::new(BTreeMap::from([(2, SecretKey::generate().unwrap())]), 2, 8).unwrap();
+        let spec = ExportSpec::new(ExportName::parse("db").unwrap(), 1 << 20).unwrap();
+        let store = Store::open(data.path(), dir_id, Some(Arc::new(ring)), &[spec]).unwrap();
+        store.close().unwrap();
+        drop(store);
+        let e = check_header_versions(data.path(), &reg)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("export db is under key version 2")
+                && e.contains("does not hold (it holds [1])")
+                && e.contains("restore the keys.json that belongs to this data"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn one_line_prints_each_cause_once() {

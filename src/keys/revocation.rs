@@ -45,6 +45,21 @@ pub struct Canary {
     pub context: EncryptionContext,
 }
 
+impl Canary {
+    /// The active version's wrapped key of `registry` (none when encryption is off).
+    pub fn active_of(registry: &super::registry::Registry) -> Option<Canary> {
+        let active = registry.active_version()?;
+        registry
+            .key_versions()
+            .iter()
+            .find(|v| v.version == active)
+            .map(|v| Canary {
+                wrapped: v.wrapped.clone(),
+                context: v.context.clone(),
+            })
+    }
+}
+
 /// What the watcher checks: a provider and the canary it must unwrap.
 pub struct WatchTarget {
     /// The master key's provider.
@@ -69,6 +84,13 @@ impl WatchedKey {
     /// The current target.
     pub fn current(&self) -> Arc<WatchTarget> {
         Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replaces the canary (after a rotation makes another version active,
+    /// or a retirement removes the canary's version from the registry).
+    pub fn set_canary(&self, canary: Option<Canary>) {
+        let provider = Arc::clone(&self.current().provider);
+        self.replace(provider, canary);
     }
 
     /// Points the watcher at another master key and canary from its next check.
