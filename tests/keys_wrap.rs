@@ -515,3 +515,112 @@ fn decrypt_denied_fails_closed_after_the_grace_period() {
     io_ok(&s, "read -P 0x5e 0 1M");
     s.stop();
 }
+
+/// `ear-sidecar keys rewrap --admin-socket` against the running sidecar `s`.
+fn rewrap_online(s: &Sidecar, endpoint: &str, args: &[&str]) -> Output {
+    let admin = s.admin_socket();
+    let mut full = vec!["--admin-socket", admin.to_str().expect("utf-8 path")];
+    full.extend(args);
+    rewrap(s, endpoint, &full)
+}
+
+#[test]
+fn online_rewrap_keeps_serving_and_moves_the_revocation_check() {
+    common::require_tool("qemu-io");
+    let moto = moto_or_skip!();
+    let old = create_key(&moto);
+    let new = create_key(&moto);
+    let disabled = create_key(&moto);
+    block_on(moto.set_enabled(&disabled, false));
+    let mut s = sidecar(&moto.endpoint);
+    let watch = ["--kms-check-interval", "1s", "--kms-revocation-grace", "2s"];
+    start(&mut s, &old, &watch);
+    io_ok(&s, "write -P 0x71 0 2M");
+
+    // An unusable new CMK is refused through the socket too; nothing changes.
+    let before = std::fs::read(s.data_dir().join("keys.json")).expect("keys.json");
+    let o = rewrap_online(
+        &s,
+        &moto.endpoint,
+        &["--kms", "aws", "--kms-key-id", &disabled],
+    );
+    assert!(!o.status.success());
+    assert_eq!(o.stderr.trim().lines().count(), 1, "{}", o.both());
+    assert!(o.stderr.contains("KeyState is Disabled"), "{}", o.both());
+    assert_eq!(
+        std::fs::read(s.data_dir().join("keys.json")).expect("keys.json"),
+        before
+    );
+
+    let o = rewrap_online(&s, &moto.endpoint, &["--kms", "aws", "--kms-key-id", &new]);
+    assert!(
+        o.status.success(),
+        "{}\nsidecar log:\n{}",
+        o.both(),
+        s.log()
+    );
+    eprintln!("{}", o.stdout.trim());
+    assert!(
+        o.stdout.contains("KMS ReEncrypt")
+            && o.stdout.contains("now checks the new CMK")
+            && o.stdout
+                .contains(&format!("restart it with --kms aws --kms-key-id {new}")),
+        "{}",
+        o.stdout
+    );
+    assert_eq!(registry_json(&s)["master_key_id"], new.as_str());
+    // Serving goes on with the keys in memory.
+    io_ok(&s, "read -P 0x71 0 2M");
+    io_ok(&s, "write -P 0x72 2M 1M");
+
+    // The old CMK is disabled: the running sidecar watches the new one, so
+    // it does not fail closed.
+    block_on(moto.set_enabled(&old, false));
+    std::thread::sleep(Duration::from_secs(5));
+    let log = s.log();
+    assert!(!log.contains("FAILED CLOSED"), "{log}");
+    assert!(http_status(&s, "/readyz").contains(" 200"));
+    io_ok(&s, "read -P 0x72 2M 1M");
+    s.stop();
+
+    start(&mut s, &new, &watch);
+    io_ok(&s, "read -P 0x71 0 2M");
+    io_ok(&s, "read -P 0x72 2M 1M");
+    s.stop();
+}
+
+#[test]
+fn online_migration_from_local_then_restart_under_aws() {
+    common::require_tool("qemu-io");
+    let moto = moto_or_skip!();
+    let cmk = create_key(&moto);
+    let mut s = sidecar(&moto.endpoint);
+    start(&mut s, "", &[]);
+    io_ok(&s, "write -P 0x81 0 1M");
+    let o = rewrap_online(
+        &s,
+        &moto.endpoint,
+        &["--kms", "aws", "--kms-key-id", &cmk, "--json"],
+    );
+    assert!(
+        o.status.success(),
+        "{}\nsidecar log:\n{}",
+        o.both(),
+        s.log()
+    );
+    let v: serde_json::Value = serde_json::from_str(o.stdout.trim()).expect("--json output");
+    assert_eq!(v["online"], true);
+    assert_eq!(v["rewrap"]["method"], "decrypt-encrypt");
+    assert!(
+        v["summary"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("revocation check starts with the restart"),
+        "{v}"
+    );
+    io_ok(&s, "read -P 0x81 0 1M");
+    s.stop();
+    start(&mut s, &cmk, &[]);
+    io_ok(&s, "read -P 0x81 0 1M");
+    s.stop();
+}

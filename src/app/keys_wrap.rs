@@ -6,19 +6,22 @@
 //! CMK with the `validate-key` checks, draws the progress and prints the
 //! one-line result.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::config::{KmsConfig, RewrapArgs};
+use super::control::ControlPlane;
+use super::report::Reporter;
+use crate::config::{KmsConfig, RewrapArgs, ValidateKeyArgs};
+use crate::control::{Progress, ProgressUpdate, Request};
 use crate::crypto::KeyRing;
 use crate::keys::aws::{AwsKmsProvider, CheckOutcome};
 use crate::keys::local::LocalProvider;
 use crate::keys::registry::Registry;
-use crate::keys::rewrap::{rewrap, RewrapOutcome};
+use crate::keys::revocation::Canary;
+use crate::keys::rewrap::{rewrap, RewrapMethod, RewrapOutcome};
 use crate::keys::KeyProvider;
 
 /// Exit 0 when the keys were rewrapped, 1 when refused or failed, 2 on bad options.
@@ -31,23 +34,103 @@ pub fn run(args: &RewrapArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let reporter = Reporter::new(args.json);
     let result = match &args.admin_socket {
-        Some(_) => Err(anyhow!(
-            "online rewrap through --admin-socket is not available in this build; stop the \
-             sidecar and run keys rewrap with --data-dir"
-        )),
-        None => offline(args, &target),
+        Some(sock) => online(sock, &target, &reporter),
+        None => offline(args, &target, &reporter)
+            .map(|out| result_json(&args.data_dir, &out, false, &args.kms_endpoint, false)),
     };
     match result {
-        Ok(out) => {
-            print_outcome(args, &args.data_dir, &out, false);
+        Ok(v) => {
+            reporter.finish(v["summary"].as_str().unwrap_or_default(), &v);
             ExitCode::SUCCESS
         }
         Err(e) => {
+            reporter.abandon();
             eprintln!("ear-sidecar: keys rewrap: {}", super::one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Asks the sidecar on `sock` to rewrap; returns its result object.
+fn online(
+    sock: &std::path::Path,
+    target: &KmsConfig,
+    reporter: &Reporter,
+) -> Result<serde_json::Value> {
+    let KmsConfig::Aws {
+        key_id,
+        endpoint,
+        region,
+    } = target
+    else {
+        bail!("keys rewrap moves keys to an AWS KMS CMK: pass --kms aws --kms-key-id ARN");
+    };
+    let req = Request::KeysRewrap {
+        kms_key_id: key_id.clone(),
+        kms_endpoint: endpoint.clone(),
+        kms_region: region.clone(),
+    };
+    Ok(
+        super::runtime()?.block_on(crate::control::client::call(sock, &req, |p| {
+            reporter.progress(p)
+        }))?,
+    )
+}
+
+/// The admin-socket side of `keys rewrap`: rewraps `keys.json` of the
+/// running sidecar under the new CMK, then points the running sidecar's
+/// master key (revocation check, later key operations) at it. The keys in
+/// memory do not change, so I/O is not paused.
+pub(crate) async fn rewrap_online(
+    plane: &ControlPlane,
+    kms_key_id: String,
+    kms_endpoint: Option<String>,
+    kms_region: Option<String>,
+    progress: &Progress,
+) -> Result<serde_json::Value, String> {
+    let err = |e: anyhow::Error| super::one_line(&e);
+    let (Some(ring), Some(master)) = (&plane.keys, &plane.master_key) else {
+        return Err(format!(
+            "data directory {} is not encrypted: there are no keys to rewrap",
+            plane.data_dir.display()
+        ));
+    };
+    if ring.is_failed_closed() {
+        return Err(
+            "this sidecar has failed closed (its keys are wiped): restore the master key, \
+             restart it, then rewrap"
+                .into(),
+        );
+    }
+    let endpoint = kms_endpoint.or_else(|| plane.kms_endpoint.clone());
+    let target = ValidateKeyArgs {
+        kms_key_id,
+        kms_endpoint: endpoint.clone(),
+        kms_region,
+        kms_startup_timeout: std::time::Duration::from_secs(60),
+    }
+    .kms_config()
+    .map_err(|e| e.to_string())?;
+    let _writer = plane.registry_lock.lock().await;
+    let mut reg = Registry::load(&plane.data_dir)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{} has no keys.json", plane.data_dir.display()))?;
+    // The file on disk must still be the one these keys sealed.
+    reg.verify_seal(ring).map_err(|e| e.to_string())?;
+    let from = Arc::clone(&master.current().provider);
+    let to = Arc::new(validated_target(&target).await.map_err(err)?);
+    let out = rewrap(&mut reg, from.as_ref(), &to, ring, |done, total| {
+        progress.update(done, total, "key versions", "rewrap")
+    })
+    .await
+    .map_err(|e| err(anyhow::Error::new(e).context("rewrap")))?;
+    let watched = matches!(from.kind(), "aws");
+    master.replace(to, Canary::active_of(&reg));
+    tracing::info!(from = %out.from_master_key_id, to = %out.to_master_key_id,
+        versions = ?out.versions, "universe keys rewrapped under a new master key");
+    Ok(result_json(&plane.data_dir, &out, true, &endpoint, watched))
 }
 
 /// The provider a registry names, opened for unwrapping: the local KEK file
@@ -117,7 +200,7 @@ pub(crate) async fn validated_target(target: &KmsConfig) -> Result<AwsKmsProvide
     Ok(to)
 }
 
-fn offline(args: &RewrapArgs, target: &KmsConfig) -> Result<RewrapOutcome> {
+fn offline(args: &RewrapArgs, target: &KmsConfig, reporter: &Reporter) -> Result<RewrapOutcome> {
     let dir = &args.data_dir;
     if !dir.is_dir() {
         bail!("{} is not a directory", dir.display());
@@ -157,53 +240,35 @@ fn offline(args: &RewrapArgs, target: &KmsConfig) -> Result<RewrapOutcome> {
             .await
             .context("unwrap the universe keys with the current master key")?;
         let to = validated_target(target).await?;
-        let bar = progress_bar(args.json);
-        let out = rewrap(&mut reg, from.as_ref(), &to, &ring, |done, total| {
-            if let Some(b) = &bar {
-                b.set_length(total);
-                b.set_position(done);
-            }
+        rewrap(&mut reg, from.as_ref(), &to, &ring, |done, total| {
+            reporter.progress(&ProgressUpdate {
+                done,
+                total,
+                unit: "key versions".into(),
+                message: "rewrap".into(),
+            })
         })
         .await
-        .context("rewrap")?;
-        if let Some(b) = bar {
-            b.finish_and_clear();
-        }
-        Ok(out)
+        .context("rewrap")
     })
 }
 
-fn progress_bar(json: bool) -> Option<indicatif::ProgressBar> {
-    (!json && std::io::stderr().is_terminal()).then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("rewrap [{bar:40}] {pos}/{len} key versions")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    })
-}
-
-/// The one-line summary (or JSON object) of a rewrap.
-fn print_outcome(args: &RewrapArgs, dir: &std::path::Path, out: &RewrapOutcome, online: bool) {
+/// The result object of a rewrap, with its one-line `summary`.
+fn result_json(
+    dir: &std::path::Path,
+    out: &RewrapOutcome,
+    online: bool,
+    endpoint: &Option<String>,
+    watch_moved: bool,
+) -> serde_json::Value {
     let restart = format!(
         "--kms aws --kms-key-id {}{}",
         out.to_master_key_id,
-        args.kms_endpoint
+        endpoint
             .as_deref()
             .map(|e| format!(" --kms-endpoint {e}"))
             .unwrap_or_default()
     );
-    if args.json {
-        let v = serde_json::json!({
-            "data_dir": dir.display().to_string(),
-            "online": online,
-            "rewrap": out,
-            "restart_with": restart,
-        });
-        println!("{v}");
-        return;
-    }
     let versions = out
         .versions
         .iter()
@@ -211,20 +276,24 @@ fn print_outcome(args: &RewrapArgs, dir: &std::path::Path, out: &RewrapOutcome, 
         .collect::<Vec<_>>()
         .join(", ");
     let method = match out.method {
-        crate::keys::rewrap::RewrapMethod::ReEncrypt => "KMS ReEncrypt",
-        crate::keys::rewrap::RewrapMethod::DecryptEncrypt => "unwrap + KMS Encrypt",
+        RewrapMethod::ReEncrypt => "KMS ReEncrypt",
+        RewrapMethod::DecryptEncrypt => "unwrap + KMS Encrypt",
     };
     let old = if out.from_provider == "local" {
         "the local KEK is no longer needed once the new registry is backed up".to_string()
     } else {
         format!("{} can now be disabled", out.from_master_key_id)
     };
-    let when = if online {
-        "the running sidecar keeps its keys in memory; restart it with"
-    } else {
-        "start the sidecar with"
+    let when = match (online, watch_moved) {
+        (false, _) => "start the sidecar with".to_string(),
+        (true, true) => "the running sidecar keeps its keys in memory and now checks the new \
+                         CMK; restart it with"
+            .to_string(),
+        (true, false) => "the running sidecar keeps its keys in memory (its revocation check \
+                          starts with the restart); restart it with"
+            .to_string(),
     };
-    println!(
+    let summary = format!(
         "rewrapped key version(s) {versions} of {} from {} {} to {} {} ({method}); {when} \
          {restart}; {old}",
         dir.display(),
@@ -233,4 +302,11 @@ fn print_outcome(args: &RewrapArgs, dir: &std::path::Path, out: &RewrapOutcome, 
         out.to_provider,
         out.to_master_key_id,
     );
+    serde_json::json!({
+        "summary": summary,
+        "data_dir": dir.display().to_string(),
+        "online": online,
+        "rewrap": out,
+        "restart_with": restart,
+    })
 }

@@ -266,6 +266,12 @@ impl App {
                 data_dir: self.cfg.data_dir.clone(),
                 store: Arc::clone(&self.store),
                 keys: self.keys.clone(),
+                master_key: self.watched.clone(),
+                kms_endpoint: match &self.cfg.kms {
+                    Some(KmsConfig::Aws { endpoint, .. }) => endpoint.clone(),
+                    _ => None,
+                },
+                registry_lock: tokio::sync::Mutex::new(()),
             };
             let cfg = crate::control::ControlConfig {
                 allow_uids: (!self.cfg.allow_uids.is_empty()).then(|| self.cfg.allow_uids.clone()),

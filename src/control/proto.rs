@@ -13,6 +13,17 @@ pub enum Request {
     Ping,
     /// What the sidecar serves: exports, key versions, encryption mode.
     Status,
+    /// Re-wrap every universe-key version under a new AWS KMS CMK.
+    KeysRewrap {
+        /// ARN of the new CMK.
+        kms_key_id: String,
+        /// Endpoint override for KMS (default: the sidecar's own).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kms_endpoint: Option<String>,
+        /// Region override for the new CMK (default: from its ARN).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kms_region: Option<String>,
+    },
 }
 
 impl Request {
@@ -21,6 +32,7 @@ impl Request {
         match self {
             Request::Ping => "ping",
             Request::Status => "status",
+            Request::KeysRewrap { .. } => "keys-rewrap",
         }
     }
 }

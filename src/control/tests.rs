@@ -15,7 +15,8 @@ impl Handler for Echo {
                 }
                 Ok(serde_json::json!({"pong": true}))
             }
-            Request::Status => Err("no status here; use ping".into()),
+            // Every other operation is refused by this test handler.
+            _ => Err("no status here; use ping".into()),
         }
     }
 }
