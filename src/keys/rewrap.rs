@@ -5,11 +5,13 @@
 //!
 //! Per version, in ascending order:
 //!
-//! * AWS → AWS: KMS `ReEncrypt` from the old CMK to the new one, with the same
-//!   encryption context as source and destination; the key never leaves KMS.
-//! * anything else → AWS (the local KEK): unwrap with the old provider, KMS
-//!   `Encrypt` of the 32-byte key under the new CMK with the version's
-//!   context; the plaintext is a [`SecretKey`] and zeroizes when dropped.
+//! * AWS → AWS in one region: KMS `ReEncrypt` from the old CMK to the new
+//!   one, with the same encryption context as source and destination; the
+//!   key never leaves KMS.
+//! * anything else (the local KEK, or a CMK in another region): unwrap with
+//!   the old provider, KMS `Encrypt` of the 32-byte key under the new CMK with
+//!   the version's context; the plaintext is a [`SecretKey`] and zeroizes when
+//!   dropped (the copy the SDK serialises into the request is freed, not wiped).
 //!
 //! Before anything is written every new blob is unwrapped with the new
 //! provider and compared with the keys in use ([`KeyRing::holds_same_keys`]),
@@ -20,7 +22,7 @@
 
 use std::collections::BTreeMap;
 
-use super::aws::AwsKmsProvider;
+use super::aws::{parse_key_arn, AwsKmsProvider};
 use super::registry::Registry;
 use super::{KeyError, KeyProvider, WrappedKey};
 use crate::crypto::{KeyRing, SecretKey};
@@ -52,6 +54,19 @@ pub struct RewrapOutcome {
     pub to_master_key_id: String,
 }
 
+/// ReEncrypt when both keys are AWS KMS CMKs in one region (one KMS call
+/// per version, the key never leaves KMS); otherwise (from the local KEK,
+/// or across regions, where one regional endpoint cannot reach both keys)
+/// unwrap with the old provider and Encrypt under the new CMK.
+fn choose_method(from_kind: &str, from_id: &str, to: &AwsKmsProvider) -> RewrapMethod {
+    match parse_key_arn(from_id) {
+        Ok(arn) if from_kind == to.kind() && arn.region == to.key_arn().region => {
+            RewrapMethod::ReEncrypt
+        }
+        _ => RewrapMethod::DecryptEncrypt,
+    }
+}
+
 /// Rewraps every version of `registry` from `from` (its current provider) to
 /// the CMK of `to`, checks the result against `ring` (the directory's
 /// unwrapped keys, all versions), then seals and saves the registry.
@@ -74,11 +89,7 @@ pub async fn rewrap(
             registry.path().display()
         )));
     }
-    let method = if from.kind() == to.kind() {
-        RewrapMethod::ReEncrypt
-    } else {
-        RewrapMethod::DecryptEncrypt
-    };
+    let method = choose_method(from.kind(), &from_id, to);
     let total = registry.key_versions().len() as u64;
     let mut blobs: BTreeMap<u32, WrappedKey> = BTreeMap::new();
     let mut fresh: BTreeMap<u32, SecretKey> = BTreeMap::new();
@@ -130,4 +141,34 @@ pub async fn rewrap(
         to_provider: to.kind().to_string(),
         to_master_key_id: to_id,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::aws::AwsKmsOptions;
+
+    const EAST: &str =
+        "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+    const EAST2: &str =
+        "arn:aws:kms:us-east-1:111122223333:key/0000abcd-12ab-34cd-56ef-1234567890ab";
+    const WEST: &str =
+        "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn reencrypt_only_within_one_region() {
+        // Building a provider does no network I/O.
+        let mut o = AwsKmsOptions::new(EAST2);
+        o.endpoint = Some("http://127.0.0.1:9".into());
+        let to = AwsKmsProvider::new(&o).await.unwrap();
+        assert_eq!(choose_method("aws", EAST, &to), RewrapMethod::ReEncrypt);
+        assert_eq!(
+            choose_method("aws", WEST, &to),
+            RewrapMethod::DecryptEncrypt
+        );
+        assert_eq!(
+            choose_method("local", "local:0011223344556677", &to),
+            RewrapMethod::DecryptEncrypt
+        );
+    }
 }
