@@ -213,6 +213,21 @@ fn rewrap_to_a_new_cmk_then_disable_the_old_one_and_restart() {
         "data blocks are untouched"
     );
 
+    // A crash between writing the new registry and renaming it over the
+    // old one leaves the old registry in place: the old CMK still opens the
+    // directory, and the rewrap simply runs again.
+    let path = s.data_dir().join("keys.json");
+    let new_bytes = std::fs::read(&path).expect("keys.json");
+    std::fs::write(s.data_dir().join("keys.json.tmp"), &new_bytes).expect("tmp");
+    std::fs::write(&path, serde_json::to_vec_pretty(&reg_before).expect("json")).expect("old");
+    start(&mut s, &old, &[]);
+    io_ok(&s, "read -P 0x3c 0 2M");
+    s.stop();
+    let o = rewrap(&s, &moto.endpoint, &["--kms", "aws", "--kms-key-id", &new]);
+    assert!(o.status.success(), "{}", o.both());
+    assert!(!s.data_dir().join("keys.json.tmp").exists());
+    assert_eq!(registry_json(&s)["master_key_id"], new.as_str());
+
     // The old CMK goes away; the new one opens the directory.
     block_on(moto.set_enabled(&old, false));
     start(&mut s, &new, &[]);
