@@ -422,6 +422,20 @@ impl Registry {
         crate::fsutil::write_atomic(&self.path, &self.to_json()?).map_err(KeyError::from)
     }
 
+    /// Like [`Registry::save`], sealing with `active_key`, the universe key
+    /// of the active version, when it is not in a ring yet (a rotation saves
+    /// the new version before the ring gets it).
+    pub fn save_with_active_key(&mut self, active_key: &SecretKey) -> Result<(), KeyError> {
+        if self.encryption_on {
+            self.mac = Some(crate::crypto::registry_mac(
+                active_key,
+                &self.dir_id_bytes()?,
+                &self.canonical_encoding(),
+            ));
+        }
+        crate::fsutil::write_atomic(&self.path, &self.to_json()?).map_err(KeyError::from)
+    }
+
     fn error(&self, msg: String) -> KeyError {
         KeyError::Registry {
             path: self.path.display().to_string(),
@@ -1147,6 +1161,22 @@ mod tests {
         let ring_b = loaded.unwrap_all(&b, 8).await.unwrap();
         assert_eq!(ring_b.snapshot().versions, vec![1, 2]);
         assert!(loaded.unwrap_all(&a, 8).await.is_err());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn sealing_with_the_active_key_equals_sealing_with_the_ring() {
+        let keys = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let p = kek(keys.path(), "kek");
+        let mut reg = Registry::create(data.path(), true, Some(&p)).await.unwrap();
+        let ring = with_version_2(&mut reg, &p).await;
+        let by_ring = reg.mac;
+        let v2 = &reg.key_versions()[1];
+        let key = p.unwrap(&v2.wrapped, &v2.context).await.unwrap();
+        reg.save_with_active_key(&key).unwrap();
+        assert_eq!(reg.mac, by_ring);
+        let loaded = Registry::load(data.path()).unwrap().unwrap();
+        assert_eq!(loaded.verify_seal(&ring).unwrap(), Seal::Verified);
     }
 
     #[test]
