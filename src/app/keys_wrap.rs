@@ -20,7 +20,7 @@ use crate::crypto::KeyRing;
 use crate::keys::aws::{AwsKmsProvider, CheckOutcome};
 use crate::keys::local::LocalProvider;
 use crate::keys::registry::Registry;
-use crate::keys::revocation::Canary;
+use crate::keys::revocation::{Canary, WatchedKey};
 use crate::keys::rewrap::{rewrap, RewrapMethod, RewrapOutcome};
 use crate::keys::KeyProvider;
 
@@ -117,20 +117,38 @@ pub(crate) async fn rewrap_online(
     let mut reg = Registry::load(&plane.data_dir)
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("{} has no keys.json", plane.data_dir.display()))?;
-    // The file on disk must still be the one these keys sealed.
-    reg.verify_seal(ring).map_err(|e| e.to_string())?;
-    let from = Arc::clone(&master.current().provider);
-    let to = Arc::new(validated_target(&target).await.map_err(err)?);
-    let out = rewrap(&mut reg, from.as_ref(), &to, ring, |done, total| {
+    let watched = master.current().provider.kind() == "aws";
+    let out = rewrap_running(&mut reg, master, ring, &target, |done, total| {
         progress.update(done, total, "key versions", "rewrap")
     })
     .await
-    .map_err(|e| err(anyhow::Error::new(e).context("rewrap")))?;
-    let watched = matches!(from.kind(), "aws");
-    master.replace(to, Canary::active_of(&reg));
+    .map_err(err)?;
+    Ok(result_json(&plane.data_dir, &out, true, &endpoint, watched))
+}
+
+/// Rewraps the registry of a running sidecar (`reg`, held by the caller's
+/// registry writer lock) from its current master key in `master` to the CMK
+/// of `target`, then points `master` (the revocation check and later key
+/// operations) at the new CMK with the new canary. `ring` holds the keys in
+/// use; they do not change.
+pub(crate) async fn rewrap_running(
+    reg: &mut Registry,
+    master: &WatchedKey,
+    ring: &KeyRing,
+    target: &KmsConfig,
+    progress: impl FnMut(u64, u64),
+) -> Result<RewrapOutcome> {
+    // The file on disk must still be the one these keys sealed.
+    reg.verify_seal(ring)?;
+    let from = Arc::clone(&master.current().provider);
+    let to = Arc::new(validated_target(target).await?);
+    let out = rewrap(reg, from.as_ref(), &to, ring, progress)
+        .await
+        .context("rewrap")?;
+    master.replace(to, Canary::active_of(reg));
     tracing::info!(from = %out.from_master_key_id, to = %out.to_master_key_id,
         versions = ?out.versions, "universe keys rewrapped under a new master key");
-    Ok(result_json(&plane.data_dir, &out, true, &endpoint, watched))
+    Ok(out)
 }
 
 /// The provider a registry names, opened for unwrapping: the local KEK file
