@@ -206,7 +206,8 @@ fn rewrap_to_a_new_cmk_then_disable_the_old_one_and_restart() {
         reg["versions"][0]["context"],
         reg_before["versions"][0]["context"]
     );
-    assert!(reg["mac"].is_string() && reg["mac"] != reg_before["mac"]);
+    let mac = &reg["versions"][0]["mac"];
+    assert!(mac.is_string() && *mac != reg_before["versions"][0]["mac"]);
     assert!(!s.data_dir().join("keys.json.tmp").exists());
     assert!(
         std::fs::read(s.backing_file("default")).expect("backing file") == before,
@@ -358,6 +359,12 @@ fn add_version_2(s: &Sidecar) {
     });
 }
 
+fn strip_macs(v: &mut serde_json::Value) {
+    for e in v["versions"].as_array_mut().expect("versions") {
+        e.as_object_mut().expect("object").remove("mac");
+    }
+}
+
 fn edit(path: &Path, good: &[u8], f: impl FnOnce(&mut serde_json::Value)) {
     let mut v: serde_json::Value = serde_json::from_slice(good).expect("json");
     f(&mut v);
@@ -384,14 +391,14 @@ fn edited_keys_json_is_refused_at_start_up() {
         (
             "active version 2 -> 1",
             Box::new(|v| v["active_version"] = 1.into()),
-            "the MAC does not verify under key version 1",
+            "key version 1 has a MAC that does not verify",
         ),
         (
             "version 1 dropped",
             Box::new(|v| {
                 v["versions"].as_array_mut().expect("versions").remove(0);
             }),
-            "the MAC does not verify",
+            "has a MAC that does not verify",
         ),
         (
             "version 2 dropped",
@@ -399,7 +406,7 @@ fn edited_keys_json_is_refused_at_start_up() {
                 v["versions"].as_array_mut().expect("versions").remove(1);
                 v["active_version"] = 1.into();
             }),
-            "the MAC does not verify",
+            "has a MAC that does not verify",
         ),
         (
             "provider",
@@ -422,11 +429,19 @@ fn edited_keys_json_is_refused_at_start_up() {
             "edited offline",
         ),
         (
-            "mac removed",
-            Box::new(|v| {
-                v.as_object_mut().expect("object").remove("mac");
-            }),
+            "every mac removed",
+            Box::new(strip_macs),
             "has no \"mac\" but holds key versions [1, 2]",
+        ),
+        (
+            "version 1's mac removed",
+            Box::new(|v| {
+                v["versions"][0]
+                    .as_object_mut()
+                    .expect("object")
+                    .remove("mac");
+            }),
+            "key version 1 has no \"mac\"",
         ),
     ];
     for (what, f, want) in cases {
@@ -456,9 +471,7 @@ fn legacy_keys_json_without_mac_is_sealed_once() {
     s.stop();
     let path = s.data_dir().join("keys.json");
     let good = std::fs::read(&path).expect("keys.json");
-    edit(&path, &good, |v| {
-        v.as_object_mut().expect("object").remove("mac");
-    });
+    edit(&path, &good, strip_macs);
     start(&mut s, "", &[]);
     assert!(
         s.log().contains("key registry sealed with a MAC"),
@@ -466,7 +479,7 @@ fn legacy_keys_json_without_mac_is_sealed_once() {
         s.log()
     );
     s.stop();
-    assert!(registry_json(&s)["mac"].is_string());
+    assert!(registry_json(&s)["versions"][0]["mac"].is_string());
     start(&mut s, "", &[]);
     assert!(!s.log().contains("key registry sealed"), "{}", s.log());
     s.stop();

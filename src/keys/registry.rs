@@ -8,13 +8,16 @@
 //! parsed strictly (unknown fields, duplicate versions, bad base64 are errors)
 //! and written atomically (tmp file, fsync, rename, fsync directory).
 //!
-//! An encrypted registry is *sealed*: `mac` is an HMAC-SHA256 over a canonical
-//! encoding of every other field ([`Registry::canonical_encoding`]) under a key
-//! derived from the active universe key ([`crate::crypto::registry_mac`]). It
-//! is checked right after the keys are unwrapped, so an offline edit of the
-//! active version, the provider, the master key id or the version list is
-//! refused at start-up. Only a registry written before sealing existed (one
-//! key version, no `mac`) is accepted unsealed, and sealed on first start.
+//! An encrypted registry is *sealed*: every version carries a `mac`, an
+//! HMAC-SHA256 over a canonical encoding of every other field
+//! ([`Registry::canonical_encoding`]) under a key derived from that version's
+//! universe key ([`crate::crypto::registry_mac`]). All of them are checked
+//! right after the keys are unwrapped, so an offline edit of the active
+//! version, the provider, the master key id or the version list is refused at
+//! start-up, even by someone who can wrap a key of their own choosing under
+//! the master key (they lack the other versions' keys). Only a registry
+//! written before sealing existed (one key version, no `mac`) is accepted
+//! unsealed, and sealed on first start.
 //!
 //! File layout (format 1, pretty JSON):
 //!
@@ -24,12 +27,11 @@
 //!   "master_key_id": "<provider master_key_id()>" | null,
 //!   "active_version": 1 | null,
 //!   "versions": [ { "version": 1, "wrapped": "<base64>", "context": { ... },
-//!                   "created_unix": 1764270000 } ],
-//!   "mac": "<64 hex chars>" }
+//!                   "created_unix": 1764270000, "mac": "<64 hex chars>" } ] }
 //! ```
 //!
 //! With encryption off, `provider`, `master_key_id` and `active_version` are
-//! null, `versions` is empty and there is no `mac` (there is no key to make one).
+//! null and `versions` is empty (there is no key to make a MAC with).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::ErrorKind;
@@ -102,13 +104,15 @@ pub struct Registry {
     master_key_id: Option<String>,
     active_version: Option<u32>,
     versions: Vec<KeyVersion>,
-    mac: Option<[u8; 32]>,
+    /// Per version: HMAC-SHA256 of the canonical encoding under a key derived
+    /// from that version's universe key.
+    macs: BTreeMap<u32, [u8; 32]>,
 }
 
 /// How [`Registry::verify_seal`] found the registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seal {
-    /// The MAC verified under the active version's key.
+    /// Every version's MAC verified under its own key.
     Verified,
     /// No MAC, written before sealing existed (one key version): accepted
     /// once; seal it with [`Registry::save`].
@@ -134,8 +138,6 @@ struct FileV1 {
     master_key_id: Option<String>,
     active_version: Option<u32>,
     versions: Vec<VersionV1>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    mac: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -145,6 +147,8 @@ struct VersionV1 {
     wrapped: String,
     context: BTreeMap<String, String>,
     created_unix: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mac: Option<String>,
 }
 
 fn mode_name(on: bool) -> &'static str {
@@ -212,18 +216,7 @@ impl Registry {
         }
 
         let encryption_on = file.encryption == Mode::On;
-        let mac = match file.mac.as_deref() {
-            None => None,
-            Some(_) if !encryption_on => {
-                return Err(err("encryption is off but a \"mac\" is set".into()))
-            }
-            Some(m) => Some(
-                hex::decode(m)
-                    .ok()
-                    .and_then(|v| <[u8; 32]>::try_from(v).ok())
-                    .ok_or_else(|| err("\"mac\" is not 64 hex characters".into()))?,
-            ),
-        };
+        let mut macs = BTreeMap::new();
         let mut versions = Vec::with_capacity(file.versions.len());
         if encryption_on {
             let provider = file.provider.as_deref().unwrap_or("");
@@ -262,6 +255,18 @@ impl Registry {
                         )));
                     }
                 }
+                if let Some(m) = v.mac.as_deref() {
+                    let mac = hex::decode(m)
+                        .ok()
+                        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                        .ok_or_else(|| {
+                            err(format!(
+                                "key version {}: \"mac\" is not 64 hex characters",
+                                v.version
+                            ))
+                        })?;
+                    macs.insert(v.version, mac);
+                }
                 versions.push(KeyVersion {
                     version: v.version,
                     wrapped: WrappedKey(wrapped),
@@ -299,7 +304,7 @@ impl Registry {
             master_key_id: file.master_key_id,
             active_version: file.active_version,
             versions,
-            mac,
+            macs,
         })
     }
 
@@ -350,7 +355,7 @@ impl Registry {
                     context,
                     created_unix: now_unix(),
                 }],
-                mac: None,
+                macs: BTreeMap::new(),
             }
         } else {
             Registry {
@@ -361,7 +366,7 @@ impl Registry {
                 master_key_id: None,
                 active_version: None,
                 versions: Vec::new(),
-                mac: None,
+                macs: BTreeMap::new(),
             }
         };
         match provider.filter(|_| encryption_on) {
@@ -396,9 +401,9 @@ impl Registry {
                     wrapped: B64.encode(&v.wrapped.0),
                     context: v.context.clone(),
                     created_unix: v.created_unix,
+                    mac: self.macs.get(&v.version).map(hex::encode),
                 })
                 .collect(),
-            mac: self.mac.map(hex::encode),
         };
         let mut out = serde_json::to_vec_pretty(&file).map_err(|e| KeyError::Registry {
             path: self.path.display().to_string(),
@@ -408,31 +413,47 @@ impl Registry {
         Ok(out)
     }
 
-    /// Seals (encryption on: `keys` must hold the active version) and writes
-    /// the registry atomically to its path: `keys.json.tmp` is written and
-    /// fsynced, renamed over `keys.json`, and the directory fsynced, so a crash
-    /// leaves the old or the new registry, never neither.
+    /// Seals (encryption on: `keys` must hold every stored version) and
+    /// writes the registry atomically to its path: `keys.json.tmp` is written
+    /// and fsynced, renamed over `keys.json`, and the directory fsynced, so a
+    /// crash leaves the old or the new registry, never neither.
     pub fn save(&mut self, keys: Option<&KeyRing>) -> Result<(), KeyError> {
-        if self.encryption_on {
-            let ring = keys.ok_or_else(|| {
-                self.error("cannot seal an encrypted registry without its keys".into())
-            })?;
-            self.mac = Some(self.compute_mac(ring)?);
+        match keys {
+            Some(ring) => self.save_with_keys(ring, &[]),
+            None if self.encryption_on => {
+                Err(self.error("cannot seal an encrypted registry without its keys".into()))
+            }
+            None => self.write(),
         }
-        crate::fsutil::write_atomic(&self.path, &self.to_json()?).map_err(KeyError::from)
     }
 
-    /// Like [`Registry::save`], sealing with `active_key`, the universe key
-    /// of the active version, when it is not in a ring yet (a rotation saves
-    /// the new version before the ring gets it).
-    pub fn save_with_active_key(&mut self, active_key: &SecretKey) -> Result<(), KeyError> {
+    /// Like [`Registry::save`], with universe keys that `ring` does not hold
+    /// yet (a rotation saves the new version before the ring gets it): each
+    /// stored version's key is taken from `extra` or else from `ring`.
+    pub fn save_with_keys(
+        &mut self,
+        ring: &KeyRing,
+        extra: &[(u32, &SecretKey)],
+    ) -> Result<(), KeyError> {
         if self.encryption_on {
-            self.mac = Some(crate::crypto::registry_mac(
-                active_key,
-                &self.dir_id_bytes()?,
-                &self.canonical_encoding(),
-            ));
+            let dir_id = self.dir_id_bytes()?;
+            let msg = self.canonical_encoding();
+            let mut macs = BTreeMap::new();
+            for v in &self.versions {
+                let mac = match extra.iter().find(|(n, _)| *n == v.version) {
+                    Some((_, key)) => crate::crypto::registry_mac(key, &dir_id, &msg),
+                    None => ring.registry_mac(v.version, &dir_id, &msg).map_err(|e| {
+                        self.error(format!("cannot seal key version {}: {e}", v.version))
+                    })?,
+                };
+                macs.insert(v.version, mac);
+            }
+            self.macs = macs;
         }
+        self.write()
+    }
+
+    fn write(&self) -> Result<(), KeyError> {
         crate::fsutil::write_atomic(&self.path, &self.to_json()?).map_err(KeyError::from)
     }
 
@@ -443,7 +464,7 @@ impl Registry {
         }
     }
 
-    /// The bytes the MAC covers: every field but `mac`, length-prefixed so
+    /// The bytes every MAC covers: every field but the `mac`s, length-prefixed so
     /// that no two registries encode alike (normative text in doc/FORMAT.md):
     ///
     /// ```text
@@ -498,31 +519,23 @@ impl Registry {
             .ok_or_else(|| self.error("malformed dir_id".into()))
     }
 
-    fn compute_mac(&self, ring: &KeyRing) -> Result<[u8; 32], KeyError> {
-        let active = self
-            .active_version
-            .ok_or_else(|| self.error("no active key version to seal with".into()))?;
-        ring.registry_mac(active, &self.dir_id_bytes()?, &self.canonical_encoding())
-            .map_err(|e| self.error(format!("cannot seal with key version {active}: {e}")))
-    }
-
-    /// True when the registry carries a MAC.
+    /// True when the registry carries its MACs.
     pub fn is_sealed(&self) -> bool {
-        self.mac.is_some()
+        !self.macs.is_empty()
     }
 
-    /// Checks the MAC against `ring` (which must hold the active version).
-    /// A registry without a MAC is accepted only as written before sealing
-    /// existed: one key version, version 1, active. Anything else was edited
-    /// offline and is refused with one line naming the fix.
+    /// Checks every version's MAC against `ring` (which must hold every
+    /// stored version). A registry without any MAC is accepted only as
+    /// written before sealing existed: one key version, version 1, active.
+    /// Anything else was edited offline and is refused with one line naming
+    /// the fix.
     pub fn verify_seal(&self, ring: &KeyRing) -> Result<Seal, KeyError> {
         if !self.encryption_on {
             return Ok(Seal::Unencrypted);
         }
-        let Some(stored) = self.mac else {
-            let legacy = self.active_version == Some(1)
-                && self.versions.len() == 1
-                && self.versions.first().map(|v| v.version) == Some(1);
+        let held = || self.versions.iter().map(|v| v.version).collect::<Vec<_>>();
+        if self.macs.is_empty() {
+            let legacy = self.active_version == Some(1) && held() == [1];
             if legacy {
                 return Ok(Seal::Legacy);
             }
@@ -530,22 +543,33 @@ impl Registry {
                 "has no \"mac\" but holds key versions {:?} (active {}): only a registry \
                  from before sealing (version 1 alone) may lack it, so this file was edited \
                  offline; restore keys.json from backup",
-                self.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+                held(),
                 self.active_version.unwrap_or(0)
             )));
-        };
-        let want = self.compute_mac(ring)?;
-        use subtle::ConstantTimeEq;
-        if bool::from(want.ct_eq(&stored)) {
-            Ok(Seal::Verified)
-        } else {
-            Err(self.error(format!(
-                "the MAC does not verify under key version {}: the file was edited offline \
-                 (active version, provider, master key id or key versions changed); restore \
-                 keys.json from backup or undo the edit",
-                self.active_version.unwrap_or(0)
-            )))
         }
+        let dir_id = self.dir_id_bytes()?;
+        let msg = self.canonical_encoding();
+        for v in &self.versions {
+            let edited = |what: &str| {
+                self.error(format!(
+                    "key version {} {what}: the file was edited offline (active version, \
+                     provider, master key id or key versions changed); restore keys.json from \
+                     backup or undo the edit",
+                    v.version
+                ))
+            };
+            let Some(stored) = self.macs.get(&v.version) else {
+                return Err(edited("has no \"mac\""));
+            };
+            let want = ring
+                .registry_mac(v.version, &dir_id, &msg)
+                .map_err(|e| self.error(format!("key version {}: {e}", v.version)))?;
+            use subtle::ConstantTimeEq;
+            if !bool::from(want.ct_eq(stored)) {
+                return Err(edited("has a MAC that does not verify"));
+            }
+        }
+        Ok(Seal::Verified)
     }
 
     /// Checks that this directory may be served with the configured mode and
@@ -994,6 +1018,12 @@ mod tests {
         ring
     }
 
+    fn strip_macs(v: &mut serde_json::Value) {
+        for e in v["versions"].as_array_mut().unwrap() {
+            e.as_object_mut().unwrap().remove("mac");
+        }
+    }
+
     fn edit(data: &Path, f: impl FnOnce(&mut serde_json::Value)) {
         let path = Registry::path_in(data);
         let mut v: serde_json::Value =
@@ -1040,18 +1070,19 @@ mod tests {
                     v["versions"][1]["wrapped"] = a;
                 }),
             ),
+            ("macs removed", Box::new(strip_macs)),
             (
-                "mac removed",
+                "one mac removed",
                 Box::new(|v| {
-                    v.as_object_mut().unwrap().remove("mac");
+                    v["versions"][1].as_object_mut().unwrap().remove("mac");
                 }),
             ),
             (
                 "mac flipped",
                 Box::new(|v| {
-                    let m = v["mac"].as_str().unwrap().to_string();
+                    let m = v["versions"][0]["mac"].as_str().unwrap().to_string();
                     let flipped = if m.starts_with('0') { "1" } else { "0" };
-                    v["mac"] = format!("{flipped}{}", &m[1..]).into();
+                    v["versions"][0]["mac"] = format!("{flipped}{}", &m[1..]).into();
                 }),
             ),
         ];
@@ -1097,6 +1128,31 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("edited offline"));
+
+        // A version whose key an attacker knows, made active: the other
+        // versions' MACs cannot be recomputed without their keys.
+        std::fs::write(Registry::path_in(data.path()), &good).unwrap();
+        let mut r4 = Registry::load(data.path()).unwrap().unwrap();
+        let known = SecretKey::generate().unwrap();
+        let ctx = universe_key_context(r4.dir_id(), 3);
+        r4.versions.push(KeyVersion {
+            version: 3,
+            wrapped: p.wrap_key(&known, &ctx).await.unwrap(),
+            context: ctx,
+            created_unix: 1_764_270_002,
+        });
+        r4.active_version = Some(3);
+        let forged = r4.canonical_encoding();
+        let dir: [u8; 16] = hex::decode(r4.dir_id()).unwrap().try_into().unwrap();
+        r4.macs
+            .insert(3, crate::crypto::registry_mac(&known, &dir, &forged));
+        r4.write().unwrap();
+        let r4 = Registry::load(data.path()).unwrap().unwrap();
+        let e = r4.unwrap_all(&p, 8).await.unwrap_err().to_string();
+        assert!(
+            e.contains("key version 1 has a MAC that does not verify"),
+            "{e}"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -1105,9 +1161,7 @@ mod tests {
         let data = tempfile::tempdir().unwrap();
         let p = kek(keys.path(), "kek");
         let _ = Registry::create(data.path(), true, Some(&p)).await.unwrap();
-        edit(data.path(), |v| {
-            v.as_object_mut().unwrap().remove("mac");
-        });
+        edit(data.path(), strip_macs);
         let mut r = Registry::load(data.path()).unwrap().unwrap();
         assert!(!r.is_sealed());
         let ring = r.unwrap_all(&p, 8).await.unwrap();
@@ -1121,9 +1175,7 @@ mod tests {
         // Without a MAC, more than version 1 cannot be legacy.
         let mut r = r.clone();
         let _ = with_version_2(&mut r, &p).await;
-        edit(data.path(), |v| {
-            v.as_object_mut().unwrap().remove("mac");
-        });
+        edit(data.path(), strip_macs);
         let r = Registry::load(data.path()).unwrap().unwrap();
         let e = r.unwrap_all(&p, 8).await.unwrap_err().to_string();
         assert!(
@@ -1164,17 +1216,26 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn sealing_with_the_active_key_equals_sealing_with_the_ring() {
+    async fn sealing_with_an_extra_key_equals_sealing_with_the_ring() {
         let keys = tempfile::tempdir().unwrap();
         let data = tempfile::tempdir().unwrap();
         let p = kek(keys.path(), "kek");
         let mut reg = Registry::create(data.path(), true, Some(&p)).await.unwrap();
         let ring = with_version_2(&mut reg, &p).await;
-        let by_ring = reg.mac;
+        let by_ring = reg.macs.clone();
+        assert_eq!(by_ring.len(), 2);
+        // A ring with version 1 only, and version 2's key given apart.
+        let v1 = &reg.key_versions()[0];
+        let k1 = p.unwrap(&v1.wrapped, &v1.context).await.unwrap();
+        let only_1 = KeyRing::new(BTreeMap::from([(1, k1)]), 1, 4).unwrap();
         let v2 = &reg.key_versions()[1];
-        let key = p.unwrap(&v2.wrapped, &v2.context).await.unwrap();
-        reg.save_with_active_key(&key).unwrap();
-        assert_eq!(reg.mac, by_ring);
+        let k2 = p.unwrap(&v2.wrapped, &v2.context).await.unwrap();
+        assert!(
+            reg.save(Some(&only_1)).is_err(),
+            "version 2 not in the ring"
+        );
+        reg.save_with_keys(&only_1, &[(2, &k2)]).unwrap();
+        assert_eq!(reg.macs, by_ring);
         let loaded = Registry::load(data.path()).unwrap().unwrap();
         assert_eq!(loaded.verify_seal(&ring).unwrap(), Seal::Verified);
     }

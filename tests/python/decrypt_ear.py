@@ -133,16 +133,22 @@ def registry_canonical(registry):
 
 
 def verify_registry_mac(registry, universe_keys):
-    """Checks `mac` under the active version's key; only a one-version registry may lack it."""
-    if "mac" not in registry:
-        if [v["version"] for v in registry["versions"]] == [1] and registry["active_version"] == 1:
+    """Checks every version's `mac` under its own key; only a one-version registry may lack them."""
+    versions = registry["versions"]
+    if not any("mac" in v for v in versions):
+        if [v["version"] for v in versions] == [1] and registry["active_version"] == 1:
             return
         raise FormatError("keys.json has no mac but more than version 1")
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=bytes.fromhex(registry["dir_id"]),
-               info=INFO_REGISTRY_MAC).derive(universe_keys[registry["active_version"]])
-    want = hmac.new(key, registry_canonical(registry), hashlib.sha256).digest()
-    if not hmac.compare_digest(want, bytes.fromhex(registry["mac"])):
-        raise FormatError("keys.json mac does not verify (the registry was edited)")
+    msg = registry_canonical(registry)
+    for v in versions:
+        if "mac" not in v:
+            raise FormatError("key version %d has no mac" % v["version"])
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=bytes.fromhex(registry["dir_id"]),
+                   info=INFO_REGISTRY_MAC).derive(universe_keys[v["version"]])
+        want = hmac.new(key, msg, hashlib.sha256).digest()
+        if not hmac.compare_digest(want, bytes.fromhex(v["mac"])):
+            raise FormatError("keys.json mac of version %d does not verify (the registry was edited)"
+                              % v["version"])
 
 
 def derive(universe_key, file_id, info):
