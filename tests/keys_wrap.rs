@@ -483,6 +483,33 @@ fn legacy_keys_json_without_mac_is_sealed_once() {
     start(&mut s, "", &[]);
     assert!(!s.log().contains("key registry sealed"), "{}", s.log());
     s.stop();
+
+    // An unsealed registry whose version 1 is a key of someone else's
+    // choosing (wrapped under the same KEK) passes as legacy, but the export
+    // headers do not authenticate under it: refused, and not sealed.
+    let forged = block_on(async {
+        let p = LocalProvider::open_or_create(&s.kek_file(), false).expect("KEK");
+        let mut v: serde_json::Value = serde_json::from_slice(&good).expect("json");
+        let dir_id = v["dir_id"].as_str().expect("dir_id").to_string();
+        let w = p
+            .generate_wrapped(&universe_key_context(&dir_id, 1))
+            .await
+            .expect("wrap");
+        use base64::Engine as _;
+        v["versions"][0]["wrapped"] = base64::engine::general_purpose::STANDARD
+            .encode(&w.0)
+            .into();
+        strip_macs(&mut v);
+        serde_json::to_vec_pretty(&v).expect("json")
+    });
+    std::fs::write(&path, &forged).expect("write");
+    let log = start_fails(&mut s, "");
+    assert!(log.contains("authentication failed"), "{log}");
+    assert_eq!(
+        std::fs::read(&path).expect("keys.json"),
+        forged,
+        "not sealed"
+    );
 }
 
 #[test]

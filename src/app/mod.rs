@@ -174,21 +174,20 @@ impl App {
                     .context("unwrap the universe key")?;
                 tracing::info!(provider = p.kind(), versions = ?ring.snapshot().versions,
                     elapsed_ms = t.elapsed().as_millis() as u64, "universe keys unwrapped into memory");
-                // `unwrap_all` verified the MAC; a registry from before
-                // sealing existed gets one now, once.
-                if !registry.is_sealed() {
-                    registry
-                        .save(Some(&ring))
-                        .context("seal the key registry")?;
-                    tracing::info!(registry = %registry.path().display(),
-                        "key registry sealed with a MAC (first start with registry integrity)");
-                }
                 Some(Arc::new(ring))
             }
             None => None,
         };
         check_header_versions(&cfg.data_dir, &registry)?;
         let store = Arc::new(open_store(&cfg, &registry, keys.clone())?);
+        // `unwrap_all` verified the MACs; a registry from before sealing
+        // existed gets them now, once, after the export headers have
+        // authenticated under its keys.
+        if let Some(ring) = keys.as_deref().filter(|_| !registry.is_sealed()) {
+            registry.save(Some(ring)).context("seal the key registry")?;
+            tracing::info!(registry = %registry.path().display(),
+                "key registry sealed with a MAC (first start with registry integrity)");
+        }
 
         // Master-key revocation state, filled by the watcher `run` spawns;
         // the canary it unwraps is the active version's wrapped key.
