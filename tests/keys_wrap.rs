@@ -115,13 +115,19 @@ fn io_ok(s: &Sidecar, cmd: &str) {
     );
 }
 
-/// `ear-sidecar keys rewrap ARGS` with the AWS test environment and the
-/// sidecar's KEK location.
+/// `ear-sidecar keys rewrap --data-dir DIR ARGS` (offline) with the AWS test
+/// environment and the sidecar's KEK location.
 fn rewrap(s: &Sidecar, endpoint: &str, args: &[&str]) -> Output {
-    let mut c = Command::new(sidecar_bin());
     let d = s.data_dir();
-    c.args(["keys", "rewrap", "--data-dir"])
-        .arg(&d)
+    let mut full = vec!["--data-dir", d.to_str().expect("utf-8 path")];
+    full.extend(args);
+    keys_rewrap(s, endpoint, &full)
+}
+
+/// `ear-sidecar keys rewrap ARGS`.
+fn keys_rewrap(s: &Sidecar, endpoint: &str, args: &[&str]) -> Output {
+    let mut c = Command::new(sidecar_bin());
+    c.args(["keys", "rewrap"])
         .args(args)
         .env("XDG_CONFIG_HOME", s.config_home());
     for (k, _) in std::env::vars_os() {
@@ -249,6 +255,39 @@ fn rewrap_to_a_new_cmk_then_disable_the_old_one_and_restart() {
     let o = rewrap(&s, &moto.endpoint, &["--kms", "aws", "--kms-key-id", &new]);
     assert!(!o.status.success());
     assert!(o.stderr.contains("nothing to rewrap"), "{}", o.both());
+}
+
+#[test]
+fn rewrap_needs_exactly_one_of_admin_socket_and_data_dir() {
+    let s = Sidecar::new_stopped(&[]);
+    let arn = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+    let o = keys_rewrap(
+        &s,
+        "http://127.0.0.1:9",
+        &["--kms", "aws", "--kms-key-id", arn],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", o.both());
+    assert!(
+        o.stderr.contains("pass --admin-socket PATH"),
+        "{}",
+        o.both()
+    );
+    let o = keys_rewrap(
+        &s,
+        "http://127.0.0.1:9",
+        &[
+            "--kms",
+            "aws",
+            "--kms-key-id",
+            arn,
+            "--data-dir",
+            "/x",
+            "--admin-socket",
+            "/y",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", o.both());
+    assert!(o.stderr.contains("cannot be used with"), "{}", o.both());
 }
 
 #[test]
@@ -576,7 +615,7 @@ fn rewrap_online(s: &Sidecar, endpoint: &str, args: &[&str]) -> Output {
     let admin = s.admin_socket();
     let mut full = vec!["--admin-socket", admin.to_str().expect("utf-8 path")];
     full.extend(args);
-    rewrap(s, endpoint, &full)
+    keys_rewrap(s, endpoint, &full)
 }
 
 #[test]

@@ -35,10 +35,17 @@ pub fn run(args: &RewrapArgs) -> ExitCode {
         }
     };
     let reporter = Reporter::new(args.json);
-    let result = match &args.admin_socket {
-        Some(sock) => online(sock, &target, &reporter),
-        None => offline(args, &target, &reporter)
-            .map(|out| result_json(&args.data_dir, &out, false, &args.kms_endpoint, false)),
+    let result = match (&args.admin_socket, &args.data_dir) {
+        (Some(sock), _) => online(sock, &target, &reporter),
+        (None, Some(dir)) => offline(dir, args, &target, &reporter)
+            .map(|out| result_json(dir, &out, false, &args.kms_endpoint, false)),
+        (None, None) => {
+            eprintln!(
+                "ear-sidecar: keys rewrap: pass --admin-socket PATH (a running sidecar) or \
+                 --data-dir DIR (offline, no sidecar running)"
+            );
+            return ExitCode::from(2);
+        }
     };
     match result {
         Ok(v) => {
@@ -218,8 +225,12 @@ pub(crate) async fn validated_target(target: &KmsConfig) -> Result<AwsKmsProvide
     Ok(to)
 }
 
-fn offline(args: &RewrapArgs, target: &KmsConfig, reporter: &Reporter) -> Result<RewrapOutcome> {
-    let dir = &args.data_dir;
+fn offline(
+    dir: &std::path::Path,
+    args: &RewrapArgs,
+    target: &KmsConfig,
+    reporter: &Reporter,
+) -> Result<RewrapOutcome> {
     if !dir.is_dir() {
         bail!("{} is not a directory", dir.display());
     }

@@ -71,13 +71,18 @@ pub struct RewrapArgs {
     #[arg(long, value_name = "REGION", env = "EAR_KMS_REGION")]
     pub kms_region: Option<String>,
 
-    /// Rewrap offline: the data directory (no sidecar may be running on it)
-    #[arg(long, value_name = "DIR", env = "EAR_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
-    pub data_dir: PathBuf,
-
     /// Rewrap online: the admin socket of the sidecar serving the directory
-    #[arg(long, value_name = "PATH")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "EAR_ADMIN_SOCKET",
+        conflicts_with = "data_dir"
+    )]
     pub admin_socket: Option<PathBuf>,
+
+    /// Rewrap offline: the data directory (no sidecar may be running on it)
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 
     /// KEK file of a --kms local directory being migrated [default: as for serve]
     #[arg(long, value_name = "PATH", env = "EAR_LOCAL_KEK_FILE")]
