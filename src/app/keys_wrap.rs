@@ -146,9 +146,9 @@ pub(crate) async fn rewrap_running(
     progress: impl FnMut(u64, u64),
 ) -> Result<RewrapOutcome> {
     // The file on disk must still be the one these keys sealed.
+    let to = Arc::new(validated_target(target).await?);
     reg.verify_seal(ring)?;
     let from = Arc::clone(&master.current().provider);
-    let to = Arc::new(validated_target(target).await?);
     let out = rewrap(reg, from.as_ref(), &to, ring, progress)
         .await
         .context("rewrap")?;
@@ -263,12 +263,12 @@ fn offline(
         KmsConfig::Local { .. } => None,
     };
     super::runtime()?.block_on(async {
+        let to = validated_target(target).await?;
         let from = registry_provider(&reg, args.local_kek_file.clone(), &endpoint, &None).await?;
         let ring: KeyRing = reg
             .unwrap_all(from.as_ref(), 16)
             .await
             .context("unwrap the universe keys with the current master key")?;
-        let to = validated_target(target).await?;
         rewrap(&mut reg, from.as_ref(), &to, &ring, |done, total| {
             reporter.progress(&ProgressUpdate {
                 done,
