@@ -158,16 +158,17 @@ impl KeyRing {
         Ok(super::registry_mac(&universe, dir_id, msg))
     }
 
-    /// True when `other` holds exactly the same versions with the same
-    /// universe keys (compared in constant time per key). A rewrap checks
-    /// with it that the new blobs unwrap to the keys in use.
-    pub fn holds_same_keys(&self, other: &KeyRing) -> bool {
+    /// True when every version `other` holds is held here too, with the same
+    /// universe key (compared in constant time per key). A rewrap checks with
+    /// it that the new blobs unwrap to the keys in use.
+    pub fn contains_keys_of(&self, other: &KeyRing) -> bool {
         use subtle::ConstantTimeEq;
-        let a = self.universe.read().unwrap_or_else(|p| p.into_inner());
-        let b = other.universe.read().unwrap_or_else(|p| p.into_inner());
-        a.len() == b.len()
-            && a.iter().zip(b.iter()).all(|((va, ka), (vb, kb))| {
-                va == vb && bool::from(ka.expose()[..].ct_eq(&kb.expose()[..]))
+        let mine = self.universe.read().unwrap_or_else(|p| p.into_inner());
+        let theirs = other.universe.read().unwrap_or_else(|p| p.into_inner());
+        !theirs.is_empty()
+            && theirs.iter().all(|(v, k)| {
+                mine.get(v)
+                    .is_some_and(|m| bool::from(m.expose()[..].ct_eq(&k.expose()[..])))
             })
     }
 
@@ -264,14 +265,22 @@ mod tests {
     }
 
     #[test]
-    fn same_keys_compares_versions_and_bytes() {
+    fn contains_keys_of_compares_versions_and_bytes() {
         let k = SecretKey::generate().unwrap();
         let a = KeyRing::new(BTreeMap::from([(1, k.duplicate())]), 1, 4).unwrap();
         let b = KeyRing::new(BTreeMap::from([(1, k.duplicate())]), 1, 4).unwrap();
         let c = KeyRing::new(BTreeMap::from([(2, k.duplicate())]), 2, 4).unwrap();
-        assert!(a.holds_same_keys(&b));
-        assert!(!a.holds_same_keys(&c));
-        assert!(!a.holds_same_keys(&ring(4)));
+        let both = KeyRing::new(
+            BTreeMap::from([(1, k.duplicate()), (2, SecretKey::generate().unwrap())]),
+            2,
+            4,
+        )
+        .unwrap();
+        assert!(a.contains_keys_of(&b));
+        assert!(!a.contains_keys_of(&c), "version 2 not held");
+        assert!(!a.contains_keys_of(&ring(4)), "another key as version 1");
+        assert!(both.contains_keys_of(&a), "a ring may hold more versions");
+        assert!(!a.contains_keys_of(&both));
     }
 
     #[test]

@@ -743,7 +743,8 @@ impl Registry {
     }
 }
 
-fn with_version(e: KeyError, version: u32) -> KeyError {
+/// `e` with "key version N: " before its message.
+pub(crate) fn with_version(e: KeyError, version: u32) -> KeyError {
     match e {
         KeyError::WrongKey(m) => KeyError::WrongKey(format!("key version {version}: {m}")),
         KeyError::Refused(m) => KeyError::Refused(format!("key version {version}: {m}")),

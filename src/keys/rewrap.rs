@@ -14,7 +14,7 @@
 //!   dropped (the copy the SDK serialises into the request is freed, not wiped).
 //!
 //! Before anything is written every new blob is unwrapped with the new
-//! provider and compared with the keys in use ([`KeyRing::holds_same_keys`]),
+//! provider and compared with the keys in use ([`KeyRing::contains_keys_of`]),
 //! so a registry that the new key cannot open is never written. The registry
 //! is then resealed with the same keys and replaced atomically
 //! ([`Registry::save`]): a crash leaves the old registry (old CMK) or the new
@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 
 use super::aws::{parse_key_arn, AwsKmsProvider};
-use super::registry::Registry;
+use super::registry::{with_version, Registry};
 use super::{KeyError, KeyProvider, WrappedKey};
 use crate::crypto::{KeyRing, SecretKey};
 
@@ -94,14 +94,7 @@ pub async fn rewrap(
     let mut blobs: BTreeMap<u32, WrappedKey> = BTreeMap::new();
     let mut fresh: BTreeMap<u32, SecretKey> = BTreeMap::new();
     for (i, v) in registry.key_versions().iter().enumerate() {
-        let at = |e: KeyError| match e {
-            KeyError::Refused(m) => KeyError::Refused(format!("key version {}: {m}", v.version)),
-            KeyError::WrongKey(m) => KeyError::WrongKey(format!("key version {}: {m}", v.version)),
-            KeyError::Unavailable(m) => {
-                KeyError::Unavailable(format!("key version {}: {m}", v.version))
-            }
-            other => other,
-        };
+        let at = |e: KeyError| with_version(e, v.version);
         let blob = match method {
             RewrapMethod::ReEncrypt => to
                 .re_encrypt_from(&from_id, &v.wrapped, &v.context)
@@ -120,7 +113,7 @@ pub async fn rewrap(
     }
     let active = registry.active_version().unwrap_or(0);
     let check = KeyRing::new(fresh, active, 1)?;
-    if !ring.holds_same_keys(&check) {
+    if !ring.contains_keys_of(&check) {
         return Err(KeyError::WrongKey(format!(
             "the blobs rewrapped under {to_id} do not unwrap to the keys in use; \
              {} was left unchanged",
