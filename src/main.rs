@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::Parser;
 
 use ear_sidecar::app::{self, commands, App};
-use ear_sidecar::config::{Cli, Command, ServeConfig};
+use ear_sidecar::config::{Cli, Command, KeysCommand, ServeConfig};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -25,6 +25,7 @@ fn main() -> ExitCode {
         Command::Check(args) => return app::check::run(&args),
         Command::Backup(args) => app::backup::run_backup(&args),
         Command::Restore(args) => app::backup::run_restore(&args),
+        Command::Keys(KeysCommand::Rewrap(args)) => return app::keys_wrap::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

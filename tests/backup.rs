@@ -974,6 +974,33 @@ fn aws_kms_and_s3_online_backup_restores_and_a_disabled_cmk_fails_clearly() {
     }
     assert_eq!(img.len(), live.len());
 
+    // Under another CMK: the restored directory is served with it.
+    let other = rt.block_on(moto.create_key(aws_sdk_kms::types::KeySpec::SymmetricDefault, false));
+    let dir_b = s.root().join("restored-other-cmk");
+    let d = dir_b.display().to_string();
+    let mut a = vec![
+        "restore",
+        "--from",
+        dest,
+        "--data-dir",
+        &d,
+        "--kms-key-id",
+        &other,
+    ];
+    a.extend(kms);
+    cli_ok(&s, &a, &env);
+    let reg = std::fs::read_to_string(dir_b.join("keys.json")).unwrap();
+    assert!(reg.contains(&other) && !reg.contains(&arn), "{reg}");
+    let serve_b = [
+        "--kms",
+        "aws",
+        "--kms-key-id",
+        other.as_str(),
+        "--log-level",
+        "warn",
+    ];
+    assert!(read_restored(&dir_b, Path::new(""), "v", &serve_b, &env) == live);
+
     // Disabled CMK: restore and the decrypt check fail and say why.
     rt.block_on(moto.set_enabled(&arn, false));
     let (dir, out) = restore("restored-disabled");

@@ -24,52 +24,17 @@ use crate::config::{
     BackupVerifyArgs, RestoreArgs,
 };
 use crate::crypto::KeyRing;
-use crate::keys::aws::AwsKmsProvider;
-use crate::keys::local::LocalProvider;
 use crate::keys::registry::Registry;
-use crate::keys::KeyProvider;
 use crate::store::{self, DecryptCheckSink, Export, RestoreSink};
-
-/// Opens the provider `reg` names, with the command's provider options.
-pub(crate) async fn provider_for(
-    reg: &Registry,
-    local_kek_file: Option<&Path>,
-    kms_endpoint: &Option<String>,
-    kms_region: &Option<String>,
-) -> Result<Arc<dyn KeyProvider>> {
-    Ok(match reg.provider() {
-        Some("local") => {
-            let kek = local_kek_file
-                .map(Path::to_path_buf)
-                .or_else(|| crate::config::default_local_kek_file(&|k| std::env::var_os(k)))
-                .ok_or_else(|| anyhow!("no local KEK: pass --local-kek-file PATH"))?;
-            Arc::new(
-                LocalProvider::open_or_create(&kek, false)
-                    .with_context(|| format!("local key-encryption key {}", kek.display()))?,
-            )
-        }
-        Some("aws") => {
-            let key_id = reg
-                .master_key_id()
-                .ok_or_else(|| anyhow!("the key registry names no AWS KMS key"))?;
-            Arc::new(
-                AwsKmsProvider::new(&super::aws_options(key_id, kms_endpoint, kms_region))
-                    .await
-                    .context("AWS KMS key provider")?,
-            )
-        }
-        other => bail!("the key registry names an unknown key provider {other:?}"),
-    })
-}
 
 /// Unwraps every universe key of `reg`.
 async fn unwrap(reg: &Registry, k: &BackupKeyArgs) -> Result<Arc<KeyRing>> {
     if !reg.encryption_on() {
         bail!("backups need encryption: the data directory is unencrypted");
     }
-    let p = provider_for(
+    let p = super::keys_wrap::registry_provider(
         reg,
-        k.local_kek_file.as_deref(),
+        k.local_kek_file.clone(),
         &k.kms_endpoint,
         &k.kms_region,
     )
@@ -684,11 +649,19 @@ async fn verify(a: &BackupVerifyArgs) -> Result<()> {
 }
 
 async fn restore(a: &RestoreArgs) -> Result<()> {
-    if a.kms_key_id.is_some() {
-        bail!(
-            "--kms-key-id: restoring under another CMK is not supported yet (it needs the key rewrap path); restore under the original CMK, then rewrap"
-        );
-    }
+    // Under another CMK: validated first, so a bad key fails before anything
+    // is written; the keys move to it once the blocks are restored.
+    let new_cmk = match &a.kms_key_id {
+        Some(id) => Some(
+            super::keys_wrap::validated_target(&crate::config::KmsConfig::Aws {
+                key_id: id.clone(),
+                endpoint: a.keys.kms_endpoint.clone(),
+                region: a.keys.kms_region.clone(),
+            })
+            .await?,
+        ),
+        None => None,
+    };
     if a.data_dir.exists() {
         let empty = std::fs::read_dir(&a.data_dir)
             .with_context(|| format!("read {}", a.data_dir.display()))?
@@ -732,15 +705,24 @@ async fn restore(a: &RestoreArgs) -> Result<()> {
             .with_context(|| format!("create {}", a.data_dir.display()))?;
     }
     let lock = super::lock_data_dir(&a.data_dir)?;
-    let sink = RestoreSink::new(&a.data_dir, dir_id_of(&reg)?, ring);
+    let sink = RestoreSink::new(&a.data_dir, dir_id_of(&reg)?, Arc::clone(&ring));
     let bar = Bar::new(a.json, "restore");
     let r = backup::restore(Arc::clone(&target), &id, &keys, sink, 4, &|p| bar.update(p)).await;
     bar.done();
-    let r = r.map_err(anyhow::Error::from).and_then(|(_, stats)| {
-        // The registry last: a directory without it is visibly incomplete.
-        store::snapshot::write_new_file(&Registry::path_in(&a.data_dir), &raw)?;
-        Ok(stats)
-    });
+    let r = match r {
+        Ok((_, stats)) => {
+            async {
+                // The registry last: a directory without it is visibly incomplete.
+                store::snapshot::write_new_file(&Registry::path_in(&a.data_dir), &raw)?;
+                if let Some(to) = &new_cmk {
+                    rewrap_restored(&a.data_dir, &a.keys, to, &ring).await?;
+                }
+                Ok::<_, anyhow::Error>(stats)
+            }
+            .await
+        }
+        Err(e) => Err(e.into()),
+    };
     let stats = match r {
         Ok(s) => s,
         Err(e) => {
@@ -769,5 +751,28 @@ async fn restore(a: &RestoreArgs) -> Result<()> {
             a.data_dir.display()
         );
     }
+    Ok(())
+}
+
+/// Moves the restored directory's keys under the CMK `to` (the key rewrap:
+/// every version re-wrapped, checked against the keys in use, resealed).
+async fn rewrap_restored(
+    dir: &Path,
+    k: &BackupKeyArgs,
+    to: &crate::keys::aws::AwsKmsProvider,
+    ring: &KeyRing,
+) -> Result<()> {
+    let mut reg =
+        Registry::load(dir)?.ok_or_else(|| anyhow!("the restored key registry is missing"))?;
+    let from = super::keys_wrap::registry_provider(
+        &reg,
+        k.local_kek_file.clone(),
+        &k.kms_endpoint,
+        &k.kms_region,
+    )
+    .await?;
+    crate::keys::rewrap::rewrap(&mut reg, from.as_ref(), to, ring, |_, _| {})
+        .await
+        .context("move the restored keys to --kms-key-id")?;
     Ok(())
 }

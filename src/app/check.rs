@@ -33,9 +33,9 @@ async fn unwrap_keys(args: &CheckArgs, reg: &Registry) -> Result<Option<Arc<KeyR
     if !reg.encryption_on() {
         return Ok(None);
     }
-    let provider = super::backup::provider_for(
+    let provider = super::keys_wrap::registry_provider(
         reg,
-        args.local_kek_file.as_deref(),
+        args.local_kek_file.clone(),
         &args.kms_endpoint,
         &args.kms_region,
     )

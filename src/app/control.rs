@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use crate::control::{Handler, Progress, Request};
 use crate::crypto::KeyRing;
+use crate::keys::revocation::WatchedKey;
 use crate::store::Store;
 
 /// What control requests act on: the running sidecar's state.
@@ -21,6 +22,14 @@ pub struct ControlPlane {
     pub store: Arc<Store>,
     /// Universe keys (`None` when encryption is off).
     pub keys: Option<Arc<KeyRing>>,
+    /// The directory's current master key (provider) and revocation canary;
+    /// a rewrap replaces both (`None` when encryption is off).
+    pub master_key: Option<Arc<WatchedKey>>,
+    /// The sidecar's `--kms-endpoint`, the default for a rewrap's new CMK.
+    pub kms_endpoint: Option<String>,
+    /// Held by every operation that writes `keys.json`, so writers never
+    /// interleave.
+    pub registry_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -46,6 +55,20 @@ impl Handler for ControlPlane {
                 full,
                 incremental,
             } => self.backup(&export, &to, full, incremental, progress).await,
+            Request::KeysRewrap {
+                kms_key_id,
+                kms_endpoint,
+                kms_region,
+            } => {
+                super::keys_wrap::rewrap_online(
+                    self,
+                    kms_key_id,
+                    kms_endpoint,
+                    kms_region,
+                    &progress,
+                )
+                .await
+            }
         }
     }
 }

@@ -42,6 +42,59 @@ pub enum Command {
     Backup(BackupArgs),
     /// Restore a backup into a new data directory that a sidecar can serve.
     Restore(RestoreArgs),
+    /// Universe-key lifecycle: offline under the directory lock, or online
+    /// through a running sidecar's --admin-socket.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `ear-sidecar keys ...`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Re-wrap every universe-key version under a new AWS KMS CMK (also
+    /// migrates a --kms local directory to AWS KMS); data blocks are untouched.
+    Rewrap(RewrapArgs),
+}
+
+/// Options of `ear-sidecar keys rewrap`.
+#[derive(Debug, Clone, Args)]
+pub struct RewrapArgs {
+    /// Key provider to move the keys to (only aws)
+    #[arg(long, value_name = "aws")]
+    pub kms: KmsKind,
+
+    /// ARN of the new AWS KMS CMK
+    #[arg(long, value_name = "ARN")]
+    pub kms_key_id: String,
+
+    /// AWS KMS endpoint URL (for the old and the new CMK) [default: from the AWS configuration]
+    #[arg(long, value_name = "URL", env = "EAR_KMS_ENDPOINT")]
+    pub kms_endpoint: Option<String>,
+
+    /// AWS region of the new CMK [default: from its ARN]
+    #[arg(long, value_name = "REGION", env = "EAR_KMS_REGION")]
+    pub kms_region: Option<String>,
+
+    /// Rewrap online: the admin socket of the sidecar serving the directory
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "EAR_ADMIN_SOCKET",
+        conflicts_with = "data_dir"
+    )]
+    pub admin_socket: Option<PathBuf>,
+
+    /// Rewrap offline: the data directory (no sidecar may be running on it)
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// KEK file of a --kms local directory being migrated [default: as for serve]
+    #[arg(long, value_name = "PATH", env = "EAR_LOCAL_KEK_FILE")]
+    pub local_kek_file: Option<PathBuf>,
+
+    /// Print one JSON object instead of the one-line summary
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `on` / `off` switch as written on the command line.
@@ -288,6 +341,27 @@ impl ValidateKeyArgs {
             endpoint,
             region,
         })
+    }
+}
+
+impl RewrapArgs {
+    /// The new CMK's configuration, validated like `serve`'s. Only AWS KMS is
+    /// a rewrap target.
+    pub fn target(&self) -> Result<KmsConfig, ConfigError> {
+        if self.kms != KmsKind::Aws {
+            return Err(ConfigError::Conflict(
+                "--kms local: keys rewrap moves keys to an AWS KMS CMK; pass --kms aws \
+                 --kms-key-id ARN"
+                    .into(),
+            ));
+        }
+        ValidateKeyArgs {
+            kms_key_id: self.kms_key_id.clone(),
+            kms_endpoint: self.kms_endpoint.clone(),
+            kms_region: self.kms_region.clone(),
+            kms_startup_timeout: Duration::from_secs(60),
+        }
+        .kms_config()
     }
 }
 

@@ -29,6 +29,17 @@ pub enum Request {
         #[serde(default)]
         incremental: bool,
     },
+    /// Re-wrap every universe-key version under a new AWS KMS CMK.
+    KeysRewrap {
+        /// ARN of the new CMK.
+        kms_key_id: String,
+        /// Endpoint override for KMS (default: the sidecar's own).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kms_endpoint: Option<String>,
+        /// Region override for the new CMK (default: from its ARN).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kms_region: Option<String>,
+    },
 }
 
 /// Progress message of a backup once its cut is taken.
@@ -41,6 +52,7 @@ impl Request {
             Request::Ping => "ping",
             Request::Status => "status",
             Request::Backup { .. } => "backup",
+            Request::KeysRewrap { .. } => "keys-rewrap",
         }
     }
 }

@@ -15,6 +15,7 @@ impl Handler for Echo {
                 }
                 Ok(serde_json::json!({"pong": true}))
             }
+            // Every other operation is refused by this test handler.
             _ => Err("no status here; use ping".into()),
         }
     }
