@@ -3,6 +3,13 @@
 //! full + incremental backups restore to the model at each cut, an edited
 //! manifest or chunk is refused, an interrupted backup leaves nothing listed
 //! as complete and the next one works, prune keeps chains whole.
+//!
+//! Then the binary end to end: the store's cut taken through the admin
+//! socket while fio writes a versioned pattern (restored images checked
+//! against the model of a sequential writer), SIGKILL of an offline backup,
+//! edited objects and another KEK refused by the CLI, AWS KMS + S3 on moto
+//! (restore, restore under another CMK, a disabled CMK), and ext4 frozen
+//! with a hook, restored, fscked and compared.
 
 #[path = "common/attach.rs"]
 mod attach;
