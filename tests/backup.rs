@@ -1145,3 +1145,78 @@ fn ext4_fsfreeze_backup_restores_to_a_clean_filesystem() {
     b.detach();
     r.stop();
 }
+
+#[test]
+fn sidecar_killed_during_an_online_backup_lists_nothing_and_the_next_backup_works() {
+    require_tool("fio");
+    let mut s = Sidecar::start(&["--export", "v=256M"]);
+    let root = s.root().to_path_buf();
+    let dest = root.join("backups");
+    let dest_s = dest.display().to_string();
+    let adm = s.admin_socket().display().to_string();
+    wait_ok(fio_pass(&s.uri("v"), 1, None, &root), "fio pass 1");
+    let child = Command::new(common::sidecar_bin())
+        .args([
+            "backup",
+            "--export",
+            "v",
+            "--to",
+            &dest_s,
+            "--admin-socket",
+            &adm,
+        ])
+        .env("XDG_CONFIG_HOME", s.config_home())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn backup");
+    let t = Instant::now();
+    while files(&dest.join("objects")).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the backup stored nothing"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    s.kill9();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        files(&dest.join("manifests")).is_empty(),
+        "the backup finished before the kill; nothing was interrupted"
+    );
+    assert!(
+        !out.status.success(),
+        "the CLI must report the lost sidecar"
+    );
+    eprintln!(
+        "CLI after the sidecar died: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    s.start_again();
+    let out = cli(&s, &["backup", "list", "--from", &dest_s], &[]);
+    assert!(out.stderr.contains("no backups"), "{}", out.both());
+    let r = json(&cli_ok(
+        &s,
+        &[
+            "backup",
+            "--export",
+            "v",
+            "--to",
+            &dest_s,
+            "--admin-socket",
+            &adm,
+            "--json",
+        ],
+        &[],
+    ));
+    assert!(
+        r["chunks_reused"].as_u64() > Some(0),
+        "objects of the killed backup are re-used: {r}"
+    );
+    cli_ok(
+        &s,
+        &["backup", "verify", "--from", &dest_s, "--decrypt-check"],
+        &[],
+    );
+    s.stop();
+}
