@@ -9,6 +9,8 @@
 //!   only) to a directory or S3: format, chains, restore, verify.
 //! * [`config`]   – command line / environment / TOML configuration, loaded and
 //!   validated fully before anything binds.
+//! * [`control`]  – the admin control socket (0600, uid allowlist): a JSON
+//!   line protocol that CLI subcommands use to steer a running sidecar.
 //! * [`server`]   – Unix listener, per-connection state machine, request
 //!   handlers and their metrics (`server::observe`).
 //! * [`health`]   – the readiness latch and rule.
@@ -25,6 +27,7 @@ pub mod admin;
 pub mod app;
 pub mod backup;
 pub mod config;
+pub mod control;
 pub mod crypto;
 pub mod fsutil;
 pub mod health;

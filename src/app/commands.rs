@@ -61,6 +61,9 @@ pub fn validate_key(args: &ValidateKeyArgs) -> ExitCode {
 
 /// `status`: what a data directory holds, read without keys.
 pub fn status(args: &StatusArgs) -> Result<()> {
+    if let Some(sock) = &args.admin_socket {
+        return live_status(sock, args.json);
+    }
     let reg = Registry::load(&args.data_dir)?.ok_or_else(|| {
         anyhow!(
             "{} is not an initialised ear-sidecar data directory (no keys.json)",
@@ -124,6 +127,50 @@ pub fn status(args: &StatusArgs) -> Result<()> {
                 Some(err) => println!("  {:<24} unreadable header: {err}", e.name),
             }
         }
+    }
+    Ok(())
+}
+
+/// `status --admin-socket`: the running sidecar's own view.
+fn live_status(sock: &std::path::Path, json: bool) -> Result<()> {
+    let v = super::runtime()?.block_on(crate::control::client::call(
+        sock,
+        &crate::control::Request::Status,
+        |_| {},
+    ))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("data directory : {}", v["data_dir"].as_str().unwrap_or("?"));
+    println!("sidecar pid    : {}", v["pid"]);
+    println!(
+        "encryption     : {}",
+        v["encryption"].as_str().unwrap_or("?")
+    );
+    if let Some(k) = v.get("keys").filter(|k| !k.is_null()) {
+        println!(
+            "key versions   : {} loaded, active {}{}",
+            k["versions_loaded"],
+            k["active_version"],
+            if k["failed_closed"] == true {
+                " (FAILED CLOSED)"
+            } else {
+                ""
+            }
+        );
+    }
+    for e in v["exports"].as_array().into_iter().flatten() {
+        println!(
+            "export         : {} ({} bytes){}",
+            e["name"].as_str().unwrap_or("?"),
+            e["size"],
+            if e["scrubbing"] == true {
+                ", scrubbing"
+            } else {
+                ""
+            }
+        );
     }
     Ok(())
 }

@@ -9,6 +9,8 @@
 
 pub mod check;
 pub mod commands;
+pub mod control;
+pub mod report;
 
 use std::fs::File;
 use std::future::Future;
@@ -42,6 +44,7 @@ pub struct App {
     store: Arc<Store>,
     shared: Arc<Shared>,
     listener: UnixListener,
+    control: Option<UnixListener>,
     provider: Option<Arc<dyn KeyProvider>>,
     keys: Option<Arc<KeyRing>>,
     revocation: Arc<RevocationState>,
@@ -196,6 +199,13 @@ impl App {
             ..ServerConfig::default()
         };
         let listener = server::bind(&cfg.socket, cfg.socket_mode)?;
+        // The admin socket is owner-only whatever --socket-mode says.
+        let control = match &cfg.admin_socket {
+            Some(path) => Some(crate::control::bind(path, 0o600).with_context(|| {
+                "bind the admin socket (--admin-socket PATH; empty disables)".to_string()
+            })?),
+            None => None,
+        };
         let shared = Shared::new(
             Arc::clone(&store),
             server_cfg,
@@ -210,6 +220,7 @@ impl App {
             store,
             shared,
             listener,
+            control,
             provider,
             keys,
             revocation,
@@ -234,7 +245,31 @@ impl App {
                 let _ = watcher_stopped.await;
             },
         );
+        let (stop_control, control_stopped) = tokio::sync::oneshot::channel::<()>();
+        let control = self.control.map(|listener| {
+            let plane = control::ControlPlane {
+                data_dir: self.cfg.data_dir.clone(),
+                store: Arc::clone(&self.store),
+                keys: self.keys.clone(),
+            };
+            let cfg = crate::control::ControlConfig {
+                allow_uids: (!self.cfg.allow_uids.is_empty()).then(|| self.cfg.allow_uids.clone()),
+            };
+            if let Some(p) = &self.cfg.admin_socket {
+                tracing::info!(admin_socket = %p.display(), "admin socket listening");
+            }
+            tokio::spawn(crate::control::run(listener, cfg, Arc::new(plane), async {
+                let _ = control_stopped.await;
+            }))
+        });
         server::run(self.listener, self.shared, shutdown).await;
+        let _ = stop_control.send(());
+        if let Some(c) = control {
+            let _ = c.await;
+        }
+        if let Some(p) = &self.cfg.admin_socket {
+            let _ = std::fs::remove_file(p);
+        }
         let _ = stop_watcher.send(());
         if let Some(w) = watcher {
             let _ = w.await;
@@ -428,6 +463,23 @@ fn preflight_paths(cfg: &ServeConfig) -> Result<()> {
             cfg.socket.display(),
             sock_dir.display()
         );
+    }
+    if let Some(admin) = &cfg.admin_socket {
+        if admin == &cfg.socket {
+            bail!(
+                "--admin-socket {} is the data socket; give the admin socket its own path \
+                 (or an empty value to disable it)",
+                admin.display()
+            );
+        }
+        let admin_dir = parent_of(admin);
+        if !admin_dir.is_dir() {
+            bail!(
+                "--admin-socket {}: directory {} does not exist; create it or choose another path",
+                admin.display(),
+                admin_dir.display()
+            );
+        }
     }
     Ok(())
 }

@@ -87,6 +87,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "OCTAL", value_parser = parse_socket_mode)]
     pub socket_mode: Option<u32>,
 
+    /// Admin control socket (mode 0600, same --allow-uid list) that `keys` and `backup` commands
+    /// use to steer this sidecar; empty disables [env: EAR_ADMIN_SOCKET]
+    /// [default: beside --socket, ear.sock -> ear.admin.sock]
+    #[arg(long, value_name = "PATH", value_parser = path_or_empty)]
+    pub admin_socket: Option<PathBuf>,
+
     /// Export NAME=SIZE, repeatable; SIZE in bytes or with K/M/G/T (1024-based), multiple of 512;
     /// created when missing, grown when larger [env: EAR_EXPORT, comma-separated]
     /// [default: default=1G]
@@ -225,6 +231,11 @@ pub struct StatusArgs {
     #[arg(long, value_name = "DIR", env = "EAR_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
 
+    /// Ask the running sidecar on this admin socket instead (live view: loaded key versions,
+    /// exports being served)
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+
     /// Print JSON instead of text
     #[arg(long)]
     pub json: bool,
@@ -296,4 +307,9 @@ fn parse_key_cache_size_arg(s: &str) -> Result<usize, String> {
 fn parse_uid_arg(s: &str) -> Result<u32, String> {
     // u32::MAX is (uid_t)-1, which no process can have.
     whole_in(s, 0, u64::from(u32::MAX) - 1).map(|n| n as u32)
+}
+
+/// A path where an empty value is allowed (it disables the feature).
+fn path_or_empty(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
 }

@@ -24,6 +24,8 @@ pub struct ConfigFile {
     pub socket: Option<PathBuf>,
     /// `socket_mode`
     pub socket_mode: Option<IntOrString>,
+    /// `admin_socket` (`""` disables)
+    pub admin_socket: Option<PathBuf>,
     /// `export = ["name=SIZE", ...]`
     pub export: Option<Vec<String>>,
     /// `encryption`

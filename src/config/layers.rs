@@ -161,6 +161,19 @@ impl ServeConfig {
             )?,
             || PathBuf::from(DEFAULT_SOCKET),
         );
+        let admin_socket = l.pick_os(
+            "--admin-socket",
+            true,
+            args.admin_socket.clone(),
+            |os| Ok(PathBuf::from(os)),
+            |f| f.admin_socket.clone().map(Ok),
+        )?;
+        // Given but empty disables it; not given: beside the data socket.
+        let admin_socket = match admin_socket {
+            Some(s) if s.value.as_os_str().is_empty() => None,
+            Some(s) => Some(s.value),
+            None => Some(crate::control::default_path(&socket.value)),
+        };
         let socket_mode = or_default(
             l.pick("--socket-mode", args.socket_mode, parse_socket_mode, |f| {
                 f.socket_mode.as_ref().map(mode_from_file)
@@ -422,6 +435,7 @@ impl ServeConfig {
             data_dir: data_dir.value,
             socket: socket.value,
             socket_mode: socket_mode.value,
+            admin_socket,
             exports,
             encryption: match encryption.value {
                 OnOff::On => Encryption::On,

@@ -249,6 +249,8 @@ pub struct ServeConfig {
     pub socket: PathBuf,
     /// Socket file mode (permission bits only, `<= 0o777`).
     pub socket_mode: u32,
+    /// Admin control socket (always mode 0600); `None` = disabled.
+    pub admin_socket: Option<PathBuf>,
     /// Exports: configured ones in the order given (never empty, names
     /// unique), or the built-in default (created in a fresh data directory,
     /// not forced on an existing one).

@@ -186,6 +186,7 @@ fn defaults() {
             data_dir: PathBuf::from("./ear-data"),
             socket: PathBuf::from("./ear.sock"),
             socket_mode: 0o600,
+            admin_socket: Some(PathBuf::from("./ear.admin.sock")),
             exports: Exports::Default,
             encryption: Encryption::On,
             kms: Some(KmsConfig::Local {
@@ -668,4 +669,17 @@ fn path_within_is_lexical_and_follows_existing_links() {
     std::fs::create_dir(&data).unwrap();
     std::os::unix::fs::symlink(&data, d.path().join("alias")).unwrap();
     assert!(path_is_within(&d.path().join("alias/local.kek"), &data));
+}
+
+#[test]
+fn admin_socket_defaults_beside_the_socket_and_empty_disables_it() {
+    let c = resolve(&["--socket", "/run/ear/nbd.sock"], &[], None).unwrap();
+    assert_eq!(
+        c.admin_socket,
+        Some(PathBuf::from("/run/ear/nbd.admin.sock"))
+    );
+    let c = resolve(&[], &[("EAR_ADMIN_SOCKET", "")], None).unwrap();
+    assert_eq!(c.admin_socket, None);
+    let c = resolve(&["--admin-socket", "/x/a.sock"], &[], None).unwrap();
+    assert_eq!(c.admin_socket, Some(PathBuf::from("/x/a.sock")));
 }

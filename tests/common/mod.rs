@@ -312,6 +312,12 @@ impl Sidecar {
         self.dir.path().join("s.sock")
     }
 
+    /// The admin control socket (`<tmp>/s.admin.sock`, the default beside
+    /// the data socket).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.path().join("s.admin.sock")
+    }
+
     /// Backing file of `export` (`<data>/exports/<export>.ear`).
     pub fn backing_file(&self, export: &str) -> PathBuf {
         self.data_dir()

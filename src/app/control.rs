@@ -1,0 +1,78 @@
+//! The application's side of the admin control socket: [`ControlPlane`]
+//! carries out each [`Request`] against the running store and keys.
+//!
+//! Each operation is one `match` arm calling one function, so key-lifecycle
+//! and backup operations stay apart.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::control::{Handler, Progress, Request};
+use crate::crypto::KeyRing;
+use crate::store::Store;
+
+/// What control requests act on: the running sidecar's state.
+pub struct ControlPlane {
+    /// Data directory being served.
+    pub data_dir: PathBuf,
+    /// The open exports.
+    pub store: Arc<Store>,
+    /// Universe keys (`None` when encryption is off).
+    pub keys: Option<Arc<KeyRing>>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for ControlPlane {
+    async fn handle(&self, req: Request, _progress: Progress) -> Result<Value, String> {
+        match req {
+            Request::Ping => Ok(json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "pid": std::process::id(),
+            })),
+            Request::Status => Ok(self.status()),
+        }
+    }
+}
+
+impl ControlPlane {
+    /// The live view: what `status --admin-socket` prints.
+    fn status(&self) -> Value {
+        let exports: Vec<Value> = self
+            .store
+            .exports()
+            .map(|e| {
+                json!({
+                    "name": e.name(),
+                    "size": e.size(),
+                    "encrypted": e.encrypted(),
+                    "scrubbing": e.scrubbing(),
+                })
+            })
+            .collect();
+        let keys = self.keys.as_ref().map(|k| {
+            let s = k.snapshot();
+            json!({
+                "versions_loaded": s.versions,
+                "active_version": s.active,
+                "failed_closed": s.failed_closed,
+            })
+        });
+        json!({
+            "data_dir": self.data_dir.display().to_string(),
+            "pid": std::process::id(),
+            "encryption": if self.keys.is_some() { "on" } else { "off" },
+            "keys": keys,
+            "exports": exports,
+        })
+    }
+}

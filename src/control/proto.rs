@@ -1,0 +1,52 @@
+//! The control protocol: one JSON object per line. The client sends one
+//! [`Request`]; the server answers with zero or more
+//! `{"progress": {...}}` lines and exactly one `{"ok": ...}` or
+//! `{"error": "..."}` line. Pure types, no I/O.
+
+use serde::{Deserialize, Serialize};
+
+/// A request to the running sidecar, tagged by `"op"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Is the control plane up? Answers with the version and process id.
+    Ping,
+    /// What the sidecar serves: exports, key versions, encryption mode.
+    Status,
+}
+
+impl Request {
+    /// The `op` name, for logs.
+    pub fn op_name(&self) -> &'static str {
+        match self {
+            Request::Ping => "ping",
+            Request::Status => "status",
+        }
+    }
+}
+
+/// Progress of a long request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressUpdate {
+    /// Work done so far.
+    pub done: u64,
+    /// Work in all (0 when unknown).
+    pub total: u64,
+    /// What `done` counts: `blocks`, `bytes`, ...
+    pub unit: String,
+    /// A short phrase: what is happening now.
+    pub message: String,
+}
+
+/// One line from the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reply {
+    /// Long work advanced.
+    Progress(ProgressUpdate),
+    /// The request succeeded; its result.
+    Ok(serde_json::Value),
+    /// The request was refused or failed: one line naming the problem and
+    /// the fix.
+    Error(String),
+}
