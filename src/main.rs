@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         Command::Status(args) => commands::status(&args),
         Command::ValidateKey(args) => return commands::validate_key(&args),
         Command::Check(args) => return app::check::run(&args),
+        Command::Keys(args) => return app::keys::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

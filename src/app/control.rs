@@ -21,6 +21,8 @@ pub struct ControlPlane {
     pub store: Arc<Store>,
     /// Universe keys (`None` when encryption is off).
     pub keys: Option<Arc<KeyRing>>,
+    /// Key rotation, sweep and retirement (`None` when encryption is off).
+    pub key_ops: Option<Arc<super::keys::KeyOps>>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -40,11 +42,27 @@ impl Handler for ControlPlane {
                 "pid": std::process::id(),
             })),
             Request::Status => Ok(self.status()),
+            Request::KeysStatus
+            | Request::KeysRotate
+            | Request::KeysRetire { .. }
+            | Request::KeysSweepPause
+            | Request::KeysSweepResume => self.key_lifecycle(&req).await,
         }
     }
 }
 
 impl ControlPlane {
+    /// Key rotation, sweep and retirement requests.
+    async fn key_lifecycle(&self, req: &Request) -> Result<Value, String> {
+        let Some(ops) = &self.key_ops else {
+            return Err("this sidecar runs with encryption off: it has no universe keys to rotate or retire".into());
+        };
+        match ops.handle(req).await {
+            Some(r) => r,
+            None => Err(format!("{} is not a key operation", req.op_name())),
+        }
+    }
+
     /// The live view: what `status --admin-socket` prints.
     fn status(&self) -> Value {
         let exports: Vec<Value> = self

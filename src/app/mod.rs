@@ -10,6 +10,7 @@
 pub mod check;
 pub mod commands;
 pub mod control;
+pub mod keys;
 pub mod report;
 
 use std::fs::File;
@@ -47,6 +48,7 @@ pub struct App {
     control: Option<UnixListener>,
     provider: Option<Arc<dyn KeyProvider>>,
     keys: Option<Arc<KeyRing>>,
+    key_ops: Option<Arc<keys::KeyOps>>,
     revocation: Arc<RevocationState>,
 }
 
@@ -178,6 +180,25 @@ impl App {
             None => None,
         };
         let store = Arc::new(open_store(&cfg, &registry, keys.clone())?);
+        let key_ops = match (&provider, &keys) {
+            (Some(p), Some(ring)) => {
+                let sweeper = store::sweep::Sweeper::start(
+                    &store,
+                    Arc::clone(ring),
+                    &cfg.data_dir,
+                    cfg.rotation.reencrypt_bytes_per_sec,
+                );
+                Some(Arc::new(keys::KeyOps::new(
+                    &cfg.data_dir,
+                    registry.clone(),
+                    Arc::clone(p),
+                    Arc::clone(ring),
+                    Arc::clone(&store),
+                    sweeper,
+                )))
+            }
+            _ => None,
+        };
 
         // Master-key revocation state, filled by the watcher `run` spawns.
         let revocation = Arc::new(RevocationState::new());
@@ -223,6 +244,7 @@ impl App {
             control,
             provider,
             keys,
+            key_ops,
             revocation,
         })
     }
@@ -251,6 +273,7 @@ impl App {
                 data_dir: self.cfg.data_dir.clone(),
                 store: Arc::clone(&self.store),
                 keys: self.keys.clone(),
+                key_ops: self.key_ops.clone(),
             };
             let cfg = crate::control::ControlConfig {
                 allow_uids: (!self.cfg.allow_uids.is_empty()).then(|| self.cfg.allow_uids.clone()),
@@ -262,7 +285,20 @@ impl App {
                 let _ = control_stopped.await;
             }))
         });
+        let (stop_schedules, schedules_stopped) = tokio::sync::watch::channel(false);
+        if let Some(ops) = &self.key_ops {
+            ops.spawn_schedules(
+                self.cfg.rotation.rotate_every,
+                self.cfg.rotation.retire_after_sweep,
+                schedules_stopped,
+            );
+        }
         server::run(self.listener, self.shared, shutdown).await;
+        let _ = stop_schedules.send(true);
+        if let Some(ops) = &self.key_ops {
+            // The sweep stops (cursor saved) before the exports are closed.
+            tokio::task::block_in_place(|| ops.sweeper().stop());
+        }
         let _ = stop_control.send(());
         if let Some(c) = control {
             let _ = c.await;

@@ -16,6 +16,7 @@ impl Handler for Echo {
                 Ok(serde_json::json!({"pong": true}))
             }
             Request::Status => Err("no status here; use ping".into()),
+            other => Err(format!("{} is not handled here", other.op_name())),
         }
     }
 }

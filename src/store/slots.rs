@@ -326,12 +326,7 @@ impl Export {
     /// their data first, so the valid slot is never overwritten.
     /// Also returns the key version each block uses now (see
     /// [`super::versions`]), for the per-version counts.
-    fn targets(
-        &self,
-        b: u64,
-        pairs: &[u8],
-        st: &mut IoStats,
-    ) -> Result<(Vec<(usize, u32)>, Vec<Option<u32>>), StoreError> {
+    fn targets(&self, b: u64, pairs: &[u8], st: &mut IoStats) -> Result<Targets, StoreError> {
         let n = pairs.len() / PAIR_SIZE;
         if self.is_clean(b) {
             return Ok((
@@ -670,6 +665,10 @@ impl Export {
         Ok(runs)
     }
 }
+
+/// Per block of a segment: the slot a write targets with its generation,
+/// and the key version the block uses now.
+type Targets = (Vec<(usize, u32)>, Vec<Option<u32>>);
 
 /// The last keys looked up, so a segment derives (or locks the ring's cache)
 /// once per (version, epoch) instead of once per block.

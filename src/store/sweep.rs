@@ -168,6 +168,14 @@ impl SweepFile {
         }
     }
 
+    /// Records the paused flag without a running sweeper (offline).
+    pub fn set_paused(data_dir: &Path, paused: bool) -> Result<(), StoreError> {
+        let mut f = Self::load(data_dir);
+        f.format = 1;
+        f.paused = paused;
+        f.save(data_dir)
+    }
+
     fn save(&self, data_dir: &Path) -> Result<(), StoreError> {
         let mut bytes = serde_json::to_vec_pretty(self)
             .map_err(|e| StoreError::Config(format!("cannot encode the sweep cursor: {e}")))?;
@@ -224,6 +232,7 @@ struct Shared {
 #[derive(Debug, Clone)]
 pub struct Sweeper {
     shared: Arc<Shared>,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl Sweeper {
@@ -250,7 +259,10 @@ impl Sweeper {
             }),
             passes: AtomicU64::new(0),
         });
-        let s = Sweeper { shared };
+        let s = Sweeper {
+            shared,
+            thread: Arc::new(Mutex::new(None)),
+        };
         let run = Run {
             store: Arc::downgrade(store),
             ring,
@@ -258,17 +270,43 @@ impl Sweeper {
             shared: Arc::clone(&s.shared),
             file,
         };
-        if let Err(e) = std::thread::Builder::new()
+        match std::thread::Builder::new()
             .name("ear-sweep".into())
             .spawn(move || run.main())
         {
-            tracing::error!(error = %e, "cannot start the re-encryption sweep thread");
-            s.set_state(
-                "stalled",
-                Some(format!("cannot start the sweep thread: {e}")),
-            );
+            Ok(h) => *lock(&s.thread) = Some(h),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the re-encryption sweep thread");
+                s.set_state(
+                    "stalled",
+                    Some(format!("cannot start the sweep thread: {e}")),
+                );
+            }
         }
         s
+    }
+
+    /// A handle with no thread behind it (offline commands that only read
+    /// or retire): its status says `idle`.
+    pub fn idle(data_dir: &Path) -> Sweeper {
+        let file = SweepFile::load(data_dir);
+        Sweeper {
+            shared: Arc::new(Shared {
+                paused: AtomicBool::new(file.paused),
+                stop: AtomicBool::new(true),
+                limit: AtomicU64::new(0),
+                rewritten: AtomicU64::new(0),
+                wake: Mutex::new(0),
+                cv: Condvar::new(),
+                status: Mutex::new(SweepStatus {
+                    state: "idle".into(),
+                    target_version: file.target_version,
+                    ..SweepStatus::default()
+                }),
+                passes: AtomicU64::new(0),
+            }),
+            thread: Arc::new(Mutex::new(None)),
+        }
     }
 
     fn set_state(&self, state: &str, error: Option<String>) {
@@ -286,6 +324,11 @@ impl Sweeper {
     /// Pauses the sweep (persisted; a restart stays paused).
     pub fn pause(&self) {
         self.shared.paused.store(true, Ordering::Release);
+        let mut st = lock(&self.shared.status);
+        if st.state == "running" || st.state == "waiting" {
+            st.state = "paused".into();
+        }
+        drop(st);
         self.kick();
     }
 
@@ -300,15 +343,30 @@ impl Sweeper {
         self.shared.paused.load(Ordering::Acquire)
     }
 
-    /// Stops the thread (shutdown); the cursor stays where it was saved.
+    /// Stops the thread and waits for it (shutdown, before the store is
+    /// closed); the cursor is saved where it stopped.
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Release);
         self.kick();
+        if let Some(h) = lock(&self.thread).take() {
+            let _ = h.join();
+        }
+    }
+
+    /// Changes the rate limit (bytes per second, 0 = unlimited).
+    pub fn set_limit(&self, bytes_per_sec: u64) {
+        self.shared.limit.store(bytes_per_sec, Ordering::Release);
+        lock(&self.shared.status).limit_bytes_per_sec = bytes_per_sec;
     }
 
     /// Where the sweep stands.
     pub fn status(&self) -> SweepStatus {
         lock(&self.shared.status).clone()
+    }
+
+    /// Blocks re-encrypted since start.
+    pub fn rewritten(&self) -> u64 {
+        self.shared.rewritten.load(Ordering::Acquire)
     }
 
     /// Passes completed since start.
@@ -535,6 +593,8 @@ impl Run {
         let mut last_save = Instant::now();
         let mut window = (Instant::now(), 0u64);
         let mut next_at = Instant::now();
+        // Behind by more than a moment (a slow disk, a pause): start afresh
+        // rather than bursting to catch up.
         while b < nblocks {
             if self.shared.stop.load(Ordering::Acquire) {
                 self.save_cursor(e, b)?;
@@ -568,7 +628,7 @@ impl Run {
                 let limit = self.shared.limit.load(Ordering::Acquire);
                 if limit > 0 {
                     let now = Instant::now();
-                    if next_at < now {
+                    if next_at + Duration::from_millis(100) < now {
                         next_at = now;
                     }
                     next_at += Duration::from_secs_f64(bytes as f64 / limit as f64);
