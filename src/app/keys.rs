@@ -13,9 +13,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
@@ -39,7 +38,6 @@ pub struct KeyOps {
     ring: Arc<KeyRing>,
     store: Arc<Store>,
     sweeper: Sweeper,
-    last_rotation_unix: AtomicU64,
 }
 
 impl std::fmt::Debug for KeyOps {
@@ -55,13 +53,6 @@ struct Usage {
     blocks: u64,
     per_export: Vec<(String, u64)>,
     headers: Vec<String>,
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 impl KeyOps {
@@ -81,6 +72,7 @@ impl KeyOps {
             .map(|v| v.created_unix)
             .max()
             .unwrap_or(0);
+        ring.set_rotated_unix(last);
         KeyOps {
             data_dir: data_dir.to_path_buf(),
             registry: tokio::sync::Mutex::new(registry),
@@ -88,7 +80,6 @@ impl KeyOps {
             ring,
             store,
             sweeper,
-            last_rotation_unix: AtomicU64::new(last),
         }
     }
 
@@ -104,7 +95,7 @@ impl KeyOps {
 
     /// Unix time of the newest key version.
     pub fn last_rotation_unix(&self) -> u64 {
-        self.last_rotation_unix.load(Ordering::Acquire)
+        self.ring.rotated_unix()
     }
 
     /// Creates a new universe-key version and makes it active: saved in the
@@ -126,7 +117,6 @@ impl KeyOps {
         self.ring
             .set_active(version)
             .map_err(|e| format!("cannot activate key version {version}: {e}"))?;
-        self.last_rotation_unix.store(now_unix(), Ordering::Release);
         drop(reg);
         self.sweeper.kick();
         tracing::info!(

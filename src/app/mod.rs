@@ -209,7 +209,11 @@ impl App {
         let request_metrics = match &metrics {
             Some(m) => {
                 wire_metrics(m, keys.as_ref(), &revocation, aws_provider.as_deref());
-                m.request_metrics(&store)
+                let rm = m.request_metrics(&store);
+                if let Some(ops) = &key_ops {
+                    m.set_sweeper(ops.sweeper().clone());
+                }
+                rm
             }
             None => RequestMetrics::default(),
         };

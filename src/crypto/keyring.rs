@@ -51,6 +51,8 @@ pub struct KeyRing {
     closed: AtomicBool,
     closed_reason: Mutex<String>,
     stats: CacheStats,
+    /// Unix time the active version was created (for metrics).
+    rotated_unix: AtomicU64,
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -83,6 +85,7 @@ impl KeyRing {
             closed: AtomicBool::new(false),
             closed_reason: Mutex::new(String::new()),
             stats: CacheStats::default(),
+            rotated_unix: AtomicU64::new(0),
         })
     }
 
@@ -175,7 +178,23 @@ impl KeyRing {
         // Stored while the map is read-locked, so a concurrent removal of
         // `version` cannot slip in between the check and the switch.
         self.active.store(version, Ordering::Release);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.rotated_unix.store(now, Ordering::Release);
         Ok(())
+    }
+
+    /// Unix time of the last rotation (the active version's creation), 0
+    /// when unknown.
+    pub fn rotated_unix(&self) -> u64 {
+        self.rotated_unix.load(Ordering::Acquire)
+    }
+
+    /// Records when the active version was created (from the registry).
+    pub fn set_rotated_unix(&self, unix: u64) {
+        self.rotated_unix.store(unix, Ordering::Release);
     }
 
     /// Drops universe key `version` and every file key derived from it
