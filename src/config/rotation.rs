@@ -103,6 +103,7 @@ mod tests {
         };
         let env: Vec<(String, OsString)> = env
             .iter()
+            .chain(&[("HOME", "/home/t")])
             .map(|(k, v)| (k.to_string(), OsString::from(v)))
             .collect();
         ServeConfig::load(&args, &|k| {
