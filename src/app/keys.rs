@@ -382,9 +382,10 @@ impl KeyOps {
                         _ = tick.tick() => {}
                         _ = stop.changed() => return,
                     }
-                    if ops.sweeper.status().state == "done"
-                        && ops.ring.snapshot().versions.len() > 1
-                    {
+                    // Counts only fall for a non-active version (writes and the
+                    // sweep use the active one), so a version whose count is 0
+                    // can go even while a sweep toward a newer one still runs.
+                    if ops.ring.snapshot().versions.len() > 1 {
                         for v in ops.retire_unused().await {
                             tracing::info!(
                                 version = v,

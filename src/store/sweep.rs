@@ -491,17 +491,15 @@ impl Run {
         let todo: Vec<&Arc<Export>> = exports.iter().filter(|e| needs_sweep(e, active)).collect();
         if todo.is_empty() {
             self.update_status(|st| {
-                st.state = if st.rewritten_blocks > 0 || self.file.target_version == active {
-                    "done".into()
-                } else {
-                    "idle".into()
-                };
+                st.state = "done".into();
                 st.progress = 1.0;
                 st.eta_seconds = Some(0.0);
                 st.export = None;
                 st.error = None;
             });
-            if self.file.target_version != active || !self.file.cursor.is_empty() {
+            // A finished sweep leaves no cursor behind (and a directory
+            // that never rotated gets no file).
+            if !self.file.cursor.is_empty() {
                 self.file.target_version = active;
                 self.file.cursor.clear();
                 self.file.paused = self.shared.paused.load(Ordering::Acquire);
