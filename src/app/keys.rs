@@ -265,19 +265,19 @@ impl KeyOps {
         out
     }
 
-    /// Pauses the sweep.
+    /// Pauses the sweep (recorded in `sweep.json`).
     pub fn pause(&self) -> Result<Value, String> {
-        self.sweeper.pause();
-        SweepFile::set_paused(&self.data_dir, true)
+        self.sweeper
+            .pause()
             .map_err(|e| format!("sweep paused, but the pause could not be saved: {e}"))?;
         Ok(json!({ "sweep": "paused" }))
     }
 
     /// Resumes the sweep.
     pub fn resume(&self) -> Result<Value, String> {
-        SweepFile::set_paused(&self.data_dir, false)
-            .map_err(|e| format!("cannot save the sweep state: {e}"))?;
-        self.sweeper.resume();
+        self.sweeper
+            .resume()
+            .map_err(|e| format!("sweep resumed, but this could not be saved: {e}"))?;
         Ok(json!({ "sweep": "resumed" }))
     }
 

@@ -226,6 +226,11 @@ struct Shared {
     status: Mutex<SweepStatus>,
     /// Passes completed (tests wait on it).
     passes: AtomicU64,
+    /// Serialises writes of `sweep.json` (the thread's cursor, an
+    /// operator's pause): one writer at a time, each writing the shared
+    /// paused flag.
+    file_lock: Mutex<()>,
+    data_dir: PathBuf,
 }
 
 /// Handle on the store's sweeper thread.
@@ -258,6 +263,8 @@ impl Sweeper {
                 ..SweepStatus::default()
             }),
             passes: AtomicU64::new(0),
+            file_lock: Mutex::new(()),
+            data_dir: data_dir.to_path_buf(),
         });
         let s = Sweeper {
             shared,
@@ -304,6 +311,8 @@ impl Sweeper {
                     ..SweepStatus::default()
                 }),
                 passes: AtomicU64::new(0),
+                file_lock: Mutex::new(()),
+                data_dir: data_dir.to_path_buf(),
             }),
             thread: Arc::new(Mutex::new(None)),
         }
@@ -321,8 +330,9 @@ impl Sweeper {
         self.shared.cv.notify_all();
     }
 
-    /// Pauses the sweep (persisted; a restart stays paused).
-    pub fn pause(&self) {
+    /// Pauses the sweep and records it in `sweep.json` (a restart stays
+    /// paused).
+    pub fn pause(&self) -> Result<(), StoreError> {
         self.shared.paused.store(true, Ordering::Release);
         let mut st = lock(&self.shared.status);
         if st.state == "running" || st.state == "waiting" {
@@ -330,12 +340,23 @@ impl Sweeper {
         }
         drop(st);
         self.kick();
+        self.persist_paused()
     }
 
-    /// Resumes a paused sweep.
-    pub fn resume(&self) {
+    /// Resumes a paused sweep (recorded in `sweep.json`).
+    pub fn resume(&self) -> Result<(), StoreError> {
         self.shared.paused.store(false, Ordering::Release);
         self.kick();
+        self.persist_paused()
+    }
+
+    /// Writes the paused flag into `sweep.json`, keeping the cursor there.
+    fn persist_paused(&self) -> Result<(), StoreError> {
+        let _g = lock(&self.shared.file_lock);
+        let mut f = SweepFile::load(&self.shared.data_dir);
+        f.format = 1;
+        f.paused = self.shared.paused.load(Ordering::Acquire);
+        f.save(&self.shared.data_dir)
     }
 
     /// True while paused.
@@ -502,19 +523,12 @@ impl Run {
             if !self.file.cursor.is_empty() {
                 self.file.target_version = active;
                 self.file.cursor.clear();
-                self.file.paused = self.shared.paused.load(Ordering::Acquire);
-                self.file.format = 1;
-                self.file.save(&self.data_dir)?;
+                self.save()?;
             }
             return Ok(false);
         }
         if self.shared.paused.load(Ordering::Acquire) {
             self.update_status(|st| st.state = "paused".into());
-            if !self.file.paused {
-                self.file.paused = true;
-                self.file.format = 1;
-                self.file.save(&self.data_dir)?;
-            }
             return Ok(false);
         }
         if self.file.target_version != active {
@@ -544,7 +558,7 @@ impl Run {
                 "sweep pass finished with blocks left; sweeping again"
             );
             self.file.cursor.clear();
-            self.file.save(&self.data_dir)?;
+            self.save()?;
             return Ok(left > damaged);
         }
         if damaged > 0 {
@@ -649,7 +663,7 @@ impl Run {
         e.flush()?;
         e.move_header_key(active)?;
         self.file.cursor.insert(name, nblocks);
-        self.file.save(&self.data_dir)?;
+        self.save()?;
         self.refresh_rate(&mut window, active);
         Ok(None)
     }
@@ -657,6 +671,13 @@ impl Run {
     fn save_cursor(&mut self, e: &Export, b: u64) -> Result<(), StoreError> {
         e.flush()?;
         self.file.cursor.insert(e.name().to_string(), b);
+        self.save()
+    }
+
+    /// Saves the thread's view of `sweep.json` with the current paused flag.
+    fn save(&mut self) -> Result<(), StoreError> {
+        let _g = lock(&self.shared.file_lock);
+        self.file.format = 1;
         self.file.paused = self.shared.paused.load(Ordering::Acquire);
         self.file.save(&self.data_dir)
     }

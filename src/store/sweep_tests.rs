@@ -199,7 +199,7 @@ fn sweeper_finishes_persists_cursor_and_pauses() {
         e.write(b * 4096, &mut block(b), false).unwrap();
     }
     let sw = Sweeper::start(&s, r.clone(), d.path(), 0);
-    sw.pause();
+    sw.pause().unwrap();
     let v2 = rotate(&r);
     sw.kick();
     std::thread::sleep(Duration::from_millis(300));
@@ -207,7 +207,7 @@ fn sweeper_finishes_persists_cursor_and_pauses() {
     assert_eq!(sw.status().state, "paused");
     assert!(SweepFile::load(d.path()).paused);
     assert_eq!(counts(&e).get(&1), Some(&342));
-    sw.resume();
+    sw.resume().unwrap();
     let t = Instant::now();
     while sw.status().state != "done" {
         assert!(t.elapsed() < Duration::from_secs(30), "{:?}", sw.status());
