@@ -90,6 +90,7 @@ impl ControlPlane {
             "pid": std::process::id(),
             "encryption": if self.keys.is_some() { "on" } else { "off" },
             "keys": keys,
+            "key_rotation": self.key_ops.as_ref().map(|k| k.summary()),
             "exports": exports,
         })
     }

@@ -331,6 +331,34 @@ impl KeyOps {
         })
     }
 
+    /// The key-rotation part of `status`: blocks per version (all
+    /// exports), versions loaded, last rotation, sweep (no registry lock).
+    pub fn summary(&self) -> Value {
+        let mut total: std::collections::BTreeMap<u32, u64> = Default::default();
+        let mut exact = true;
+        for e in self.store.exports() {
+            let c = e.versions().snapshot();
+            exact &= c.exact;
+            for (v, n) in c.by_version {
+                *total.entry(v).or_default() += n;
+            }
+        }
+        let st = self.sweeper.status();
+        json!({
+            "blocks_by_version": total,
+            "counts_exact": exact,
+            "versions_loaded": self.ring.snapshot().versions,
+            "last_rotation_unix": self.last_rotation_unix(),
+            "sweep": {
+                "state": st.state,
+                "progress": st.progress,
+                "remaining_blocks": st.remaining_blocks,
+                "rate_bytes_per_sec": st.rate_bytes_per_sec,
+                "eta_seconds": st.eta_seconds,
+            },
+        })
+    }
+
     /// Runs the control request `req` (a key-lifecycle one).
     pub async fn handle(&self, req: &Request) -> Option<Result<Value, String>> {
         Some(match req {

@@ -331,7 +331,7 @@ pub struct RotationArgs {
     pub rotate_every: Option<Duration>,
 
     /// Rate limit of the re-encryption sweep in MiB/s of blocks rewritten; 0 = unlimited
-    /// [env: EAR_REENCRYPT_RATE] [default: 32]
+    /// [env: EAR_REENCRYPT_RATE] [default: 8]
     #[arg(long, value_name = "MIB_PER_SEC", value_parser = parse_reencrypt_rate, allow_hyphen_values = true)]
     pub reencrypt_rate: Option<u64>,
 
