@@ -11,10 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::config::CheckArgs;
 use crate::crypto::KeyRing;
-use crate::keys::aws::AwsKmsProvider;
-use crate::keys::local::LocalProvider;
 use crate::keys::registry::Registry;
-use crate::keys::KeyProvider;
 use crate::store;
 
 /// Exit 0 when every checked export is free of damage, 1 when damage
@@ -36,34 +33,13 @@ async fn unwrap_keys(args: &CheckArgs, reg: &Registry) -> Result<Option<Arc<KeyR
     if !reg.encryption_on() {
         return Ok(None);
     }
-    let provider: Arc<dyn KeyProvider> = match reg.provider() {
-        Some("local") => {
-            let kek = args
-                .local_kek_file
-                .clone()
-                .or_else(|| crate::config::default_local_kek_file(&|k| std::env::var_os(k)))
-                .ok_or_else(|| anyhow!("no local KEK: pass --local-kek-file PATH"))?;
-            Arc::new(
-                LocalProvider::open_or_create(&kek, false)
-                    .with_context(|| format!("local key-encryption key {}", kek.display()))?,
-            )
-        }
-        Some("aws") => {
-            let key_id = reg
-                .master_key_id()
-                .ok_or_else(|| anyhow!("the key registry names no AWS KMS key"))?;
-            Arc::new(
-                AwsKmsProvider::new(&super::aws_options(
-                    key_id,
-                    &args.kms_endpoint,
-                    &args.kms_region,
-                ))
-                .await
-                .context("AWS KMS key provider")?,
-            )
-        }
-        other => bail!("the key registry names an unknown key provider {other:?}"),
-    };
+    let provider = super::keys_wrap::registry_provider(
+        reg,
+        args.local_kek_file.clone(),
+        &args.kms_endpoint,
+        &args.kms_region,
+    )
+    .await?;
     let ring = reg
         .unwrap_all(provider.as_ref(), 64)
         .await

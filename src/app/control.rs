@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use crate::control::{Handler, Progress, Request};
 use crate::crypto::KeyRing;
+use crate::keys::revocation::WatchedKey;
 use crate::store::Store;
 
 /// What control requests act on: the running sidecar's state.
@@ -23,6 +24,14 @@ pub struct ControlPlane {
     pub keys: Option<Arc<KeyRing>>,
     /// Key rotation, sweep and retirement (`None` when encryption is off).
     pub key_ops: Option<Arc<super::keys::KeyOps>>,
+    /// The directory's current master key (provider) and revocation canary;
+    /// a rewrap replaces both (`None` when encryption is off).
+    pub master_key: Option<Arc<WatchedKey>>,
+    /// The sidecar's `--kms-endpoint`, the default for a rewrap's new CMK.
+    pub kms_endpoint: Option<String>,
+    /// Held by every operation that writes `keys.json`, so writers never
+    /// interleave.
+    pub registry_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -35,7 +44,7 @@ impl std::fmt::Debug for ControlPlane {
 
 #[async_trait::async_trait]
 impl Handler for ControlPlane {
-    async fn handle(&self, req: Request, _progress: Progress) -> Result<Value, String> {
+    async fn handle(&self, req: Request, progress: Progress) -> Result<Value, String> {
         match req {
             Request::Ping => Ok(json!({
                 "version": env!("CARGO_PKG_VERSION"),
@@ -47,6 +56,20 @@ impl Handler for ControlPlane {
             | Request::KeysRetire { .. }
             | Request::KeysSweepPause
             | Request::KeysSweepResume => self.key_lifecycle(&req).await,
+            Request::KeysRewrap {
+                kms_key_id,
+                kms_endpoint,
+                kms_region,
+            } => {
+                super::keys_wrap::rewrap_online(
+                    self,
+                    kms_key_id,
+                    kms_endpoint,
+                    kms_region,
+                    &progress,
+                )
+                .await
+            }
         }
     }
 }

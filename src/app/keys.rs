@@ -20,21 +20,23 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::report::Reporter;
-use crate::config::{KeysArgs, KeysOp, KeysTarget, SweepAction};
+use crate::config::{KeysCommand, KeysTarget, SweepAction};
 use crate::control::{ProgressUpdate, Request};
 use crate::crypto::KeyRing;
-use crate::keys::aws::AwsKmsProvider;
-use crate::keys::local::LocalProvider;
 use crate::keys::registry::Registry;
-use crate::keys::KeyProvider;
+use crate::keys::revocation::{Canary, WatchedKey};
 use crate::store::sweep::{self, SweepFile, Sweeper};
 use crate::store::{self, Store};
 
 /// The key lifecycle of one data directory.
 pub struct KeyOps {
     data_dir: PathBuf,
-    registry: tokio::sync::Mutex<Registry>,
-    provider: Arc<dyn KeyProvider>,
+    /// Held by every writer of `keys.json` (also `keys rewrap`); the
+    /// registry is read from disk under it, so writers never undo each
+    /// other.
+    registry_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The current master key (a rewrap replaces it) and revocation canary.
+    master: Arc<WatchedKey>,
     ring: Arc<KeyRing>,
     store: Arc<Store>,
     sweeper: Sweeper,
@@ -60,8 +62,9 @@ impl KeyOps {
     /// offline rotate) or [`Sweeper::idle`].
     pub fn new(
         data_dir: &Path,
-        registry: Registry,
-        provider: Arc<dyn KeyProvider>,
+        registry: &Registry,
+        registry_lock: Arc<tokio::sync::Mutex<()>>,
+        master: Arc<WatchedKey>,
         ring: Arc<KeyRing>,
         store: Arc<Store>,
         sweeper: Sweeper,
@@ -75,8 +78,8 @@ impl KeyOps {
         ring.set_rotated_unix(last);
         KeyOps {
             data_dir: data_dir.to_path_buf(),
-            registry: tokio::sync::Mutex::new(registry),
-            provider,
+            registry_lock,
+            master,
             ring,
             store,
             sweeper,
@@ -105,10 +108,12 @@ impl KeyOps {
         if self.ring.is_failed_closed() {
             return Err("the keys are wiped (failed closed); restart with a usable master key before rotating".into());
         }
-        let mut reg = self.registry.lock().await;
+        let _writer = self.registry_lock.lock().await;
+        let mut reg = self.load_registry()?;
         let previous = reg.active_version().unwrap_or(0);
+        let provider = Arc::clone(&self.master.current().provider);
         let (version, key) = reg
-            .rotate(self.provider.as_ref())
+            .rotate(provider.as_ref(), &self.ring)
             .await
             .map_err(|e| format!("rotation failed, nothing changed: {e}"))?;
         self.ring.insert_version(version, key).map_err(|e| {
@@ -117,7 +122,9 @@ impl KeyOps {
         self.ring
             .set_active(version)
             .map_err(|e| format!("cannot activate key version {version}: {e}"))?;
-        drop(reg);
+        // The revocation check's canary is the active version's wrapped key.
+        self.master.set_canary(Canary::active_of(&reg));
+        drop(_writer);
         self.sweeper.kick();
         tracing::info!(
             version,
@@ -130,6 +137,16 @@ impl KeyOps {
             "previous_version": previous,
             "versions_loaded": self.ring.snapshot().versions,
         }))
+    }
+
+    /// `keys.json` as on disk, checked against the keys in memory (it must
+    /// still be the file these keys sealed). Call under `registry_lock`.
+    fn load_registry(&self) -> Result<Registry, String> {
+        let reg = Registry::load(&self.data_dir)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{} has no keys.json", self.data_dir.display()))?;
+        reg.verify_seal(&self.ring).map_err(|e| e.to_string())?;
+        Ok(reg)
     }
 
     /// Blocks and headers that still use `version`, per export, after every
@@ -172,7 +189,8 @@ impl KeyOps {
     /// Retires `version`: refused while any block or header uses it (with
     /// the count), else removed from `keys.json` and from memory.
     pub async fn retire(&self, version: u32) -> Result<Value, String> {
-        let mut reg = self.registry.lock().await;
+        let _writer = self.registry_lock.lock().await;
+        let mut reg = self.load_registry()?;
         if reg.active_version() == Some(version) {
             return Err(format!(
                 "refusing to retire key version {version}: it is the active version (rotate first)"
@@ -224,11 +242,12 @@ impl KeyOps {
             );
             return Err(why);
         }
-        reg.retire(version)
+        reg.retire(version, &self.ring)
             .map_err(|e| format!("retiring key version {version} failed, nothing changed: {e}"))?;
         if let Err(e) = self.ring.remove_version(version) {
             tracing::warn!(version, error = %e, "retired key version was not in memory");
         }
+        self.master.set_canary(Canary::active_of(&reg));
         tracing::info!(
             version,
             "key version retired: its wrapped key is removed from keys.json and from memory"
@@ -243,14 +262,13 @@ impl KeyOps {
     /// Retires every non-active version that nothing uses (after a sweep,
     /// with `--retire-after-sweep`). Returns the versions retired.
     pub async fn retire_unused(&self) -> Vec<u32> {
-        let candidates: Vec<u32> = {
-            let reg = self.registry.lock().await;
-            reg.versions()
-                .iter()
-                .map(|v| v.version)
-                .filter(|v| Some(*v) != reg.active_version())
-                .collect()
-        };
+        let snap = self.ring.snapshot();
+        let candidates: Vec<u32> = snap
+            .versions
+            .iter()
+            .copied()
+            .filter(|v| *v != snap.active)
+            .collect();
         let mut out = vec![];
         for v in candidates {
             match self.usage(v) {
@@ -283,7 +301,14 @@ impl KeyOps {
 
     /// Everything `keys status` shows (no secrets).
     pub async fn status(&self) -> Value {
-        let reg = self.registry.lock().await;
+        let reg = {
+            let _writer = self.registry_lock.lock().await;
+            match Registry::load(&self.data_dir) {
+                Ok(Some(r)) => r,
+                Ok(None) => return json!({ "error": "keys.json is missing" }),
+                Err(e) => return json!({ "error": e.to_string() }),
+            }
+        };
         let snap = self.ring.snapshot();
         let exports: Vec<Arc<store::Export>> = self.store.exports().cloned().collect();
         let mut total: std::collections::BTreeMap<u32, u64> = Default::default();
@@ -427,50 +452,20 @@ impl KeyOps {
     }
 }
 
-/// Opens the key provider a registry names, for offline commands (`check`,
-/// `keys --data-dir`).
-pub async fn provider_for_registry(
-    reg: &Registry,
-    local_kek_file: &Option<PathBuf>,
-    kms_endpoint: &Option<String>,
-    kms_region: &Option<String>,
-) -> Result<Arc<dyn KeyProvider>> {
-    Ok(match reg.provider() {
-        Some("local") => {
-            let kek = local_kek_file
-                .clone()
-                .or_else(|| crate::config::default_local_kek_file(&|k| std::env::var_os(k)))
-                .ok_or_else(|| anyhow!("no local KEK: pass --local-kek-file PATH"))?;
-            Arc::new(
-                LocalProvider::open_or_create(&kek, false)
-                    .with_context(|| format!("local key-encryption key {}", kek.display()))?,
-            )
-        }
-        Some("aws") => {
-            let key_id = reg
-                .master_key_id()
-                .ok_or_else(|| anyhow!("the key registry names no AWS KMS key"))?;
-            Arc::new(
-                AwsKmsProvider::new(&super::aws_options(key_id, kms_endpoint, kms_region))
-                    .await
-                    .context("AWS KMS key provider")?,
-            )
-        }
-        other => bail!("the key registry names an unknown key provider {other:?}"),
-    })
-}
-
 // ---- the `keys` command ------------------------------------------------------
 
 /// `ear-sidecar keys ...`: exit 0 on success, 1 when refused or failed, 2
 /// when the command could not run (bad options).
-pub fn run(args: &KeysArgs) -> ExitCode {
+pub fn run(op: &KeysCommand) -> ExitCode {
     super::init_logging("warn", crate::config::LogFormat::Text);
-    let target = args.op.target();
+    let Some(target) = op.target() else {
+        eprintln!("ear-sidecar: keys: internal: rewrap is not a rotation command");
+        return ExitCode::from(2);
+    };
     let rep = Reporter::new(target.json);
     let r = match (&target.admin_socket, &target.data_dir) {
-        (Some(sock), _) => online(sock, &args.op, &rep),
-        (None, Some(dir)) => offline(dir, target, &args.op, &rep),
+        (Some(sock), _) => online(sock, op, &rep),
+        (None, Some(dir)) => offline(dir, target, op, &rep),
         (None, None) => {
             eprintln!("ear-sidecar: keys: pass --admin-socket PATH (a running sidecar) or --data-dir DIR (offline, no sidecar running)");
             return ExitCode::from(2);
@@ -489,19 +484,20 @@ pub fn run(args: &KeysArgs) -> ExitCode {
     }
 }
 
-fn request_of(op: &KeysOp) -> Request {
+fn request_of(op: &KeysCommand) -> Request {
     match op {
-        KeysOp::Status(_) => Request::KeysStatus,
-        KeysOp::Rotate(_) => Request::KeysRotate,
-        KeysOp::Retire(a) => Request::KeysRetire { version: a.version },
-        KeysOp::Sweep(s) => match s.action {
+        // `run` hands rewrap to its own module; status is harmless here.
+        KeysCommand::Status(_) | KeysCommand::Rewrap(_) => Request::KeysStatus,
+        KeysCommand::Rotate(_) => Request::KeysRotate,
+        KeysCommand::Retire(a) => Request::KeysRetire { version: a.version },
+        KeysCommand::Sweep(s) => match s.action {
             SweepAction::Pause(_) => Request::KeysSweepPause,
             SweepAction::Resume(_) => Request::KeysSweepResume,
         },
     }
 }
 
-fn online(sock: &Path, op: &KeysOp, rep: &Reporter) -> Result<(String, Value)> {
+fn online(sock: &Path, op: &KeysCommand, rep: &Reporter) -> Result<(String, Value)> {
     let req = request_of(op);
     let v = super::runtime()?.block_on(crate::control::client::call(sock, &req, |p| {
         rep.progress(p)
@@ -510,10 +506,10 @@ fn online(sock: &Path, op: &KeysOp, rep: &Reporter) -> Result<(String, Value)> {
 }
 
 /// The one-line human result of `op`.
-fn summary(op: &KeysOp, v: &Value) -> String {
+fn summary(op: &KeysCommand, v: &Value) -> String {
     match op {
-        KeysOp::Status(_) => status_line(v),
-        KeysOp::Rotate(_) => {
+        KeysCommand::Status(_) | KeysCommand::Rewrap(_) => status_line(v),
+        KeysCommand::Rotate(_) => {
             let mut s = format!(
                 "rotated: key version {} is active (was {})",
                 v["active_version"], v["previous_version"]
@@ -525,11 +521,11 @@ fn summary(op: &KeysOp, v: &Value) -> String {
             }
             s
         }
-        KeysOp::Retire(a) => format!(
+        KeysCommand::Retire(a) => format!(
             "retired key version {}: its wrapped key is removed from keys.json (versions left: {})",
             a.version, v["versions"]
         ),
-        KeysOp::Sweep(s) => match s.action {
+        KeysCommand::Sweep(s) => match s.action {
             SweepAction::Pause(_) => "re-encryption sweep paused".into(),
             SweepAction::Resume(_) => match v.get("rewritten_blocks") {
                 Some(n) => format!("re-encryption sweep finished: {n} block(s) re-encrypted"),
@@ -575,7 +571,12 @@ fn status_line(v: &Value) -> String {
 }
 
 /// Offline: under the directory lock, with the store opened here.
-fn offline(dir: &Path, t: &KeysTarget, op: &KeysOp, rep: &Reporter) -> Result<(String, Value)> {
+fn offline(
+    dir: &Path,
+    t: &KeysTarget,
+    op: &KeysCommand,
+    rep: &Reporter,
+) -> Result<(String, Value)> {
     if !dir.is_dir() {
         bail!("{} is not a directory", dir.display());
     }
@@ -589,7 +590,7 @@ fn offline(dir: &Path, t: &KeysTarget, op: &KeysOp, rep: &Reporter) -> Result<(S
             e
         }
     })?;
-    if let KeysOp::Sweep(s) = op {
+    if let KeysCommand::Sweep(s) = op {
         if let SweepAction::Pause(_) = s.action {
             SweepFile::set_paused(dir, true)?;
             let v = json!({ "sweep": "paused" });
@@ -614,8 +615,13 @@ fn offline(dir: &Path, t: &KeysTarget, op: &KeysOp, rep: &Reporter) -> Result<(S
         .ok_or_else(|| anyhow!("key registry has a malformed dir_id"))?;
     let rt = super::runtime()?;
     rt.block_on(async {
-        let provider =
-            provider_for_registry(&reg, &t.local_kek_file, &t.kms_endpoint, &t.kms_region).await?;
+        let provider = super::keys_wrap::registry_provider(
+            &reg,
+            t.local_kek_file.clone(),
+            &t.kms_endpoint,
+            &t.kms_region,
+        )
+        .await?;
         let ring = Arc::new(
             reg.unwrap_all(provider.as_ref(), 1024)
                 .await
@@ -633,7 +639,7 @@ fn offline(dir: &Path, t: &KeysTarget, op: &KeysOp, rep: &Reporter) -> Result<(S
             })
             .context("open exports")?,
         );
-        let sweeps = matches!(op, KeysOp::Rotate(_) | KeysOp::Sweep(_));
+        let sweeps = matches!(op, KeysCommand::Rotate(_) | KeysCommand::Sweep(_));
         if sweeps {
             SweepFile::set_paused(dir, false)?;
         }
@@ -642,18 +648,20 @@ fn offline(dir: &Path, t: &KeysTarget, op: &KeysOp, rep: &Reporter) -> Result<(S
         } else {
             Sweeper::idle(dir)
         };
+        let master = Arc::new(WatchedKey::new(provider, Canary::active_of(&reg)));
         let ops = KeyOps::new(
             dir,
-            reg,
-            provider,
+            &reg,
+            Arc::new(tokio::sync::Mutex::new(())),
+            master,
             ring,
             Arc::clone(&store),
             sweeper.clone(),
         );
         wait_census(&store, rep).await;
         let result = match op {
-            KeysOp::Status(_) => Ok(ops.status().await),
-            KeysOp::Rotate(_) => match ops.rotate().await {
+            KeysCommand::Status(_) | KeysCommand::Rewrap(_) => Ok(ops.status().await),
+            KeysCommand::Rotate(_) => match ops.rotate().await {
                 Ok(mut v) => {
                     let n = sweep_to_end(&ops, rep).await;
                     v["rewritten_blocks"] = json!(n);
@@ -661,8 +669,8 @@ fn offline(dir: &Path, t: &KeysTarget, op: &KeysOp, rep: &Reporter) -> Result<(S
                 }
                 Err(e) => Err(e),
             },
-            KeysOp::Retire(a) => ops.retire(a.version).await,
-            KeysOp::Sweep(_) => {
+            KeysCommand::Retire(a) => ops.retire(a.version).await,
+            KeysCommand::Sweep(_) => {
                 let n = sweep_to_end(&ops, rep).await;
                 Ok(json!({ "sweep": "done", "rewritten_blocks": n }))
             }

@@ -11,6 +11,7 @@ pub mod check;
 pub mod commands;
 pub mod control;
 pub mod keys;
+pub mod keys_wrap;
 pub mod report;
 
 use std::fs::File;
@@ -30,7 +31,7 @@ use crate::keys::aws::{self, AwsKmsOptions, AwsKmsProvider, CheckOutcome, Valida
 use crate::keys::local::LocalProvider;
 use crate::keys::memory;
 use crate::keys::registry::Registry;
-use crate::keys::revocation::{watch_master_key, RevocationState};
+use crate::keys::revocation::{watch_key, Canary, RevocationState, WatchedKey};
 use crate::keys::{with_deadline, DeadlineError, KeyError, KeyProvider, MasterKeyState};
 use crate::server::observe::RequestMetrics;
 use crate::server::{self, ServerConfig, Shared};
@@ -46,9 +47,10 @@ pub struct App {
     shared: Arc<Shared>,
     listener: UnixListener,
     control: Option<UnixListener>,
-    provider: Option<Arc<dyn KeyProvider>>,
+    watched: Option<Arc<WatchedKey>>,
     keys: Option<Arc<KeyRing>>,
     key_ops: Option<Arc<keys::KeyOps>>,
+    registry_lock: Arc<tokio::sync::Mutex<()>>,
     revocation: Arc<RevocationState>,
 }
 
@@ -154,7 +156,7 @@ impl App {
         if let Some(p) = &aws_provider {
             check_aws_key(&cfg, p, &startup, existing.is_none()).await?;
         }
-        let registry = match existing {
+        let mut registry = match existing {
             Some(r) => r,
             None => {
                 tracing::info!(data_dir = %cfg.data_dir.display(), encryption = encryption_on,
@@ -179,9 +181,28 @@ impl App {
             }
             None => None,
         };
+        check_header_versions(&cfg.data_dir, &registry)?;
         let store = Arc::new(open_store(&cfg, &registry, keys.clone())?);
-        let key_ops = match (&provider, &keys) {
-            (Some(p), Some(ring)) => {
+        // `unwrap_all` verified the MACs; a registry from before sealing
+        // existed gets them now, once, after the export headers have
+        // authenticated under its keys.
+        if let Some(ring) = keys.as_deref().filter(|_| !registry.is_sealed()) {
+            registry.save(Some(ring)).context("seal the key registry")?;
+            tracing::info!(registry = %registry.path().display(),
+                "key registry sealed with a MAC (first start with registry integrity)");
+        }
+
+        // Master-key revocation state, filled by the watcher `run` spawns;
+        // the canary it unwraps is the active version's wrapped key.
+        let revocation = Arc::new(RevocationState::new());
+        let watched = provider
+            .as_ref()
+            .map(|p| Arc::new(WatchedKey::new(Arc::clone(p), Canary::active_of(&registry))));
+        // One lock for every writer of keys.json (rotation, retirement,
+        // rewrap), shared by the admin socket and the rotation schedule.
+        let registry_lock = Arc::new(tokio::sync::Mutex::new(()));
+        let key_ops = match (&watched, &keys) {
+            (Some(w), Some(ring)) => {
                 let sweeper = store::sweep::Sweeper::start(
                     &store,
                     Arc::clone(ring),
@@ -190,8 +211,9 @@ impl App {
                 );
                 Some(Arc::new(keys::KeyOps::new(
                     &cfg.data_dir,
-                    registry.clone(),
-                    Arc::clone(p),
+                    &registry,
+                    Arc::clone(&registry_lock),
+                    Arc::clone(w),
                     Arc::clone(ring),
                     Arc::clone(&store),
                     sweeper,
@@ -199,9 +221,6 @@ impl App {
             }
             _ => None,
         };
-
-        // Master-key revocation state, filled by the watcher `run` spawns.
-        let revocation = Arc::new(RevocationState::new());
         if let Some(k) = &keys {
             health.watch_key_ring(Arc::clone(k));
             health.watch_revocation(Arc::clone(&revocation));
@@ -246,9 +265,10 @@ impl App {
             shared,
             listener,
             control,
-            provider,
+            watched,
             keys,
             key_ops,
+            registry_lock,
             revocation,
         })
     }
@@ -263,7 +283,7 @@ impl App {
         let (stop_watcher, watcher_stopped) = tokio::sync::oneshot::channel::<()>();
         let watcher = spawn_revocation_watcher(
             &self.cfg,
-            self.provider.clone(),
+            self.watched.clone(),
             self.keys.clone(),
             Arc::clone(&self.revocation),
             Arc::clone(&self.health),
@@ -278,6 +298,12 @@ impl App {
                 store: Arc::clone(&self.store),
                 keys: self.keys.clone(),
                 key_ops: self.key_ops.clone(),
+                master_key: self.watched.clone(),
+                kms_endpoint: match &self.cfg.kms {
+                    Some(KmsConfig::Aws { endpoint, .. }) => endpoint.clone(),
+                    _ => None,
+                },
+                registry_lock: Arc::clone(&self.registry_lock),
             };
             let cfg = crate::control::ControlConfig {
                 allow_uids: (!self.cfg.allow_uids.is_empty()).then(|| self.cfg.allow_uids.clone()),
@@ -534,18 +560,44 @@ fn check_provider_kind(cfg: &ServeConfig, r: &Registry) -> Result<()> {
     };
     match r.provider() {
         Some("aws") if configured != "aws" => bail!(
-            "data directory {} uses provider aws (key {}); pass --kms aws --kms-key-id {}",
+            "data directory {} uses provider aws (key {}); pass --kms aws --kms-key-id {} \
+             (if keys.json was edited, restore it from backup)",
             cfg.data_dir.display(),
             r.master_key_id().unwrap_or("?"),
             r.master_key_id().unwrap_or("ARN")
         ),
         Some("local") if configured != "local" => bail!(
             "data directory {} uses provider local; pass --kms local --local-kek-file PATH \
-             (to move it to AWS KMS, rewrap its keys first)",
+             (to move it to AWS KMS, rewrap its keys first: keys rewrap --kms aws; if keys.json \
+             was edited, restore it from backup)",
             cfg.data_dir.display()
         ),
         _ => Ok(()),
     }
+}
+
+/// Refuses to serve when an export's header names a key version the registry
+/// does not hold: the registry lost a version that data still uses (edited,
+/// or replaced by an older copy), and that data could never be read.
+fn check_header_versions(dir: &Path, registry: &Registry) -> Result<()> {
+    if !registry.encryption_on() {
+        return Ok(());
+    }
+    let held: Vec<u32> = registry.versions().iter().map(|v| v.version).collect();
+    for e in store::inspect(dir)? {
+        if e.error.is_none() && e.header_key_version != 0 && !held.contains(&e.header_key_version) {
+            bail!(
+                "export {} is under key version {}, which the key registry {} does not hold \
+                 (it holds {:?}): keys.json was edited or replaced by an older copy; restore \
+                 the keys.json that belongs to this data",
+                e.name,
+                e.header_key_version,
+                registry.path().display(),
+                held
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Refuses to create a key registry beside existing exports: their headers
@@ -618,7 +670,7 @@ fn validation_failures(report: &ValidationReport) -> String {
 /// fails closed (keys wiped, I/O answered with EIO), readiness is withdrawn.
 fn spawn_revocation_watcher(
     cfg: &ServeConfig,
-    provider: Option<Arc<dyn KeyProvider>>,
+    watched: Option<Arc<WatchedKey>>,
     keys: Option<Arc<KeyRing>>,
     state: Arc<RevocationState>,
     health: Arc<Health>,
@@ -629,7 +681,7 @@ fn spawn_revocation_watcher(
     if !matches!(cfg.kms, Some(KmsConfig::Aws { .. })) {
         return None;
     }
-    let (provider, ring) = (provider?, keys?);
+    let (watched, ring) = (watched?, keys?);
     let (interval, grace) = (cfg.kms_check_interval, cfg.kms_revocation_grace);
     tracing::info!(
         interval_secs = interval.as_secs_f64(),
@@ -637,15 +689,7 @@ fn spawn_revocation_watcher(
         "master key revocation check running"
     );
     Some(tokio::spawn(async move {
-        watch_master_key(
-            provider,
-            ring,
-            interval,
-            grace,
-            Arc::clone(&state),
-            shutdown,
-        )
-        .await;
+        watch_key(watched, ring, interval, grace, Arc::clone(&state), shutdown).await;
         if state.is_failed_closed() {
             health
                 .ready
@@ -706,6 +750,35 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn an_export_under_a_version_the_registry_lacks_is_refused() {
+        use crate::crypto::SecretKey;
+        use crate::store::{ExportName, ExportSpec};
+        use std::collections::BTreeMap;
+        let keys = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let p = LocalProvider::open_or_create(&keys.path().join("kek"), true).unwrap();
+        let reg = Registry::create(data.path(), true, Some(&p)).await.unwrap();
+        let dir_id: [u8; 16] = hex::decode(reg.dir_id()).unwrap().try_into().unwrap();
+        check_header_versions(data.path(), &reg).unwrap();
+        // An export written under version 2, which this registry does not hold.
+        let ring =
+            KeyRing::new(BTreeMap::from([(2, SecretKey::generate().unwrap())]), 2, 8).unwrap();
+        let spec = ExportSpec::new(ExportName::parse("db").unwrap(), 1 << 20).unwrap();
+        let store = Store::open(data.path(), dir_id, Some(Arc::new(ring)), &[spec]).unwrap();
+        store.close().unwrap();
+        drop(store);
+        let e = check_header_versions(data.path(), &reg)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("export db is under key version 2")
+                && e.contains("does not hold (it holds [1])")
+                && e.contains("restore the keys.json that belongs to this data"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn one_line_prints_each_cause_once() {

@@ -38,8 +38,68 @@ pub enum Command {
     ValidateKey(ValidateKeyArgs),
     /// Verify (and with --repair, repair) the backing files of a data directory offline.
     Check(CheckArgs),
-    /// Universe-key lifecycle: status, rotate, retire, re-encryption sweep.
-    Keys(KeysArgs),
+    /// Universe-key lifecycle: offline under the directory lock, or online
+    /// through a running sidecar's --admin-socket.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `ear-sidecar keys ...`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Re-wrap every universe-key version under a new AWS KMS CMK (also
+    /// migrates a --kms local directory to AWS KMS); data blocks are untouched.
+    Rewrap(RewrapArgs),
+    /// Key versions, blocks per version and export, sweep progress.
+    Status(KeysTarget),
+    /// Make a new universe-key version active (online: the sweep re-encrypts in the
+    /// background; offline: re-encrypts now).
+    Rotate(KeysTarget),
+    /// Remove key version N (refused while a block or header still uses it).
+    Retire(RetireArgs),
+    /// Pause or resume the re-encryption sweep.
+    Sweep(SweepArgs),
+}
+
+/// Options of `ear-sidecar keys rewrap`.
+#[derive(Debug, Clone, Args)]
+pub struct RewrapArgs {
+    /// Key provider to move the keys to (only aws)
+    #[arg(long, value_name = "aws")]
+    pub kms: KmsKind,
+
+    /// ARN of the new AWS KMS CMK
+    #[arg(long, value_name = "ARN")]
+    pub kms_key_id: String,
+
+    /// AWS KMS endpoint URL (for the old and the new CMK) [default: from the AWS configuration]
+    #[arg(long, value_name = "URL", env = "EAR_KMS_ENDPOINT")]
+    pub kms_endpoint: Option<String>,
+
+    /// AWS region of the new CMK [default: from its ARN]
+    #[arg(long, value_name = "REGION", env = "EAR_KMS_REGION")]
+    pub kms_region: Option<String>,
+
+    /// Rewrap online: the admin socket of the sidecar serving the directory
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "EAR_ADMIN_SOCKET",
+        conflicts_with = "data_dir"
+    )]
+    pub admin_socket: Option<PathBuf>,
+
+    /// Rewrap offline: the data directory (no sidecar may be running on it)
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// KEK file of a --kms local directory being migrated [default: as for serve]
+    #[arg(long, value_name = "PATH", env = "EAR_LOCAL_KEK_FILE")]
+    pub local_kek_file: Option<PathBuf>,
+
+    /// Print one JSON object instead of the one-line summary
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `on` / `off` switch as written on the command line.
@@ -293,6 +353,27 @@ impl ValidateKeyArgs {
     }
 }
 
+impl RewrapArgs {
+    /// The new CMK's configuration, validated like `serve`'s. Only AWS KMS is
+    /// a rewrap target.
+    pub fn target(&self) -> Result<KmsConfig, ConfigError> {
+        if self.kms != KmsKind::Aws {
+            return Err(ConfigError::Conflict(
+                "--kms local: keys rewrap moves keys to an AWS KMS CMK; pass --kms aws \
+                 --kms-key-id ARN"
+                    .into(),
+            ));
+        }
+        ValidateKeyArgs {
+            kms_key_id: self.kms_key_id.clone(),
+            kms_endpoint: self.kms_endpoint.clone(),
+            kms_region: self.kms_region.clone(),
+            kms_startup_timeout: Duration::from_secs(60),
+        }
+        .kms_config()
+    }
+}
+
 /// A whole number in `lo..=hi`, with a message that states the range.
 fn whole_in(s: &str, lo: u64, hi: u64) -> Result<u64, String> {
     s.trim()
@@ -345,36 +426,16 @@ fn parse_reencrypt_rate(s: &str) -> Result<u64, String> {
     whole_in(s, 0, MAX_REENCRYPT_RATE_MIB)
 }
 
-/// `ear-sidecar keys`.
-#[derive(Debug, Clone, Args)]
-pub struct KeysArgs {
-    /// The operation.
-    #[command(subcommand)]
-    pub op: KeysOp,
-}
-
-/// Operations of `ear-sidecar keys`.
-#[derive(Debug, Clone, Subcommand)]
-pub enum KeysOp {
-    /// Key versions, blocks per version and export, sweep progress.
-    Status(KeysTarget),
-    /// Make a new universe-key version active (online: the sweep re-encrypts in the
-    /// background; offline: re-encrypts now).
-    Rotate(KeysTarget),
-    /// Remove key version N (refused while a block or header still uses it).
-    Retire(RetireArgs),
-    /// Pause or resume the re-encryption sweep.
-    Sweep(SweepArgs),
-}
-
-impl KeysOp {
-    /// The target options of any operation.
-    pub fn target(&self) -> &KeysTarget {
+impl KeysCommand {
+    /// The target options of a rotation-lifecycle operation (`None` for
+    /// `rewrap`, which has its own).
+    pub fn target(&self) -> Option<&KeysTarget> {
         match self {
-            KeysOp::Status(t) | KeysOp::Rotate(t) => t,
-            KeysOp::Retire(a) => &a.target,
-            KeysOp::Sweep(s) => match &s.action {
-                SweepAction::Pause(t) | SweepAction::Resume(t) => t,
+            KeysCommand::Rewrap(_) => None,
+            KeysCommand::Status(t) | KeysCommand::Rotate(t) => Some(t),
+            KeysCommand::Retire(a) => Some(&a.target),
+            KeysCommand::Sweep(s) => match &s.action {
+                SweepAction::Pause(t) | SweepAction::Resume(t) => Some(t),
             },
         }
     }

@@ -20,6 +20,23 @@ pub const LABEL_DATA: &[u8] = b"ear-sidecar/v2 data-key";
 pub const LABEL_HEADER_MAC: &[u8] = b"ear-sidecar/v2 header-mac-key";
 /// HKDF `info` prefix of the per-block MAC key (integrity mode); `be32(epoch)` follows.
 pub const LABEL_BLOCK_MAC: &[u8] = b"ear-sidecar/v2 block-mac-key";
+/// HKDF `info` of the key-registry MAC key.
+pub const LABEL_REGISTRY_MAC: &[u8] = b"ear-sidecar/v2 registry-mac-key";
+
+/// HMAC-SHA256 of `msg` (the registry's canonical encoding) under the
+/// registry MAC key: HKDF-SHA256 with `IKM` = `universe`, `salt` = the data
+/// directory's 16-byte id, `info` = [`LABEL_REGISTRY_MAC`]. The derived key
+/// lives in a zeroizing buffer and is gone when this returns.
+pub fn registry_mac(universe: &SecretKey, dir_id: &[u8; 16], msg: &[u8]) -> [u8; 32] {
+    let hk = Hkdf::<Sha256>::new(Some(&dir_id[..]), universe.expose());
+    let mut okm = Zeroizing::new([0u8; KEY_LEN]);
+    // 32 bytes is far below HKDF-SHA256's 255*32 limit: cannot fail.
+    hk.expand(LABEL_REGISTRY_MAC, &mut okm[..])
+        .expect("HKDF-SHA256 expand of 32 bytes cannot fail");
+    let mut mac = <Hmac<Sha256>>::new_from_slice(&okm[..]).expect("HMAC accepts any key length");
+    mac.update(msg);
+    mac.finalize().into_bytes().into()
+}
 
 /// The keys of one backing file under one universe-key version and one
 /// epoch. The AES key schedules are expanded once here and reused for every
@@ -172,6 +189,22 @@ mod tests {
             hex::encode(okm),
             "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8"
         );
+    }
+
+    #[test]
+    fn registry_mac_depends_on_key_dir_and_message() {
+        let mut raw = [9u8; 32];
+        let u = SecretKey::take_from(&mut raw).unwrap();
+        let mut raw = [8u8; 32];
+        let v = SecretKey::take_from(&mut raw).unwrap();
+        let m = registry_mac(&u, &[1; 16], b"reg");
+        assert_eq!(m, registry_mac(&u, &[1; 16], b"reg"));
+        assert_ne!(m, registry_mac(&v, &[1; 16], b"reg"));
+        assert_ne!(m, registry_mac(&u, &[2; 16], b"reg"));
+        assert_ne!(m, registry_mac(&u, &[1; 16], b"reh"));
+        // Not the header MAC key under another name.
+        let fk = derive_file_keys(&u, &[1; 16], 0);
+        assert_ne!(m, fk.header_mac(b"reg"));
     }
 
     #[test]

@@ -24,7 +24,8 @@ mod secret;
 
 pub use cipher::{BlockCipher, NONCE_LEN};
 pub use kdf::{
-    derive_file_keys, FileKeys, BLOCK_TAG_LEN, LABEL_BLOCK_MAC, LABEL_DATA, LABEL_HEADER_MAC,
+    derive_file_keys, registry_mac, FileKeys, BLOCK_TAG_LEN, LABEL_BLOCK_MAC, LABEL_DATA,
+    LABEL_HEADER_MAC, LABEL_REGISTRY_MAC,
 };
 pub use keyring::{CacheStats, KeyRing, KeyRingSnapshot};
 pub use secret::{SecretKey, KEY_LEN};

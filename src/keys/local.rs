@@ -208,6 +208,14 @@ impl KeyProvider for LocalProvider {
         self.wrap(&key, ctx)
     }
 
+    async fn wrap_key(
+        &self,
+        key: &SecretKey,
+        ctx: &EncryptionContext,
+    ) -> Result<WrappedKey, KeyError> {
+        self.wrap(key, ctx)
+    }
+
     async fn unwrap(
         &self,
         wrapped: &WrappedKey,

@@ -21,6 +21,7 @@ pub mod local;
 pub mod memory;
 pub mod registry;
 pub mod revocation;
+pub mod rewrap;
 
 /// Key/value pairs bound to a wrapped key (AWS KMS `EncryptionContext`; AAD for
 /// the local provider). Ordered so that its canonical encoding is stable.
@@ -152,6 +153,20 @@ pub trait KeyProvider: Send + Sync {
     /// Generates a new 256-bit universe key and returns it only wrapped.
     async fn generate_wrapped(&self, ctx: &EncryptionContext) -> Result<WrappedKey, KeyError>;
 
+    /// Wraps an existing universe key under this provider's master key, bound
+    /// to `ctx` (rewrap of a directory's keys into this provider). Providers
+    /// that cannot take plaintext keys refuse.
+    async fn wrap_key(
+        &self,
+        _key: &SecretKey,
+        _ctx: &EncryptionContext,
+    ) -> Result<WrappedKey, KeyError> {
+        Err(KeyError::Config(format!(
+            "the {} key provider cannot wrap an existing key",
+            self.kind()
+        )))
+    }
+
     /// Unwraps a stored universe key, bound to the same context.
     async fn unwrap(
         &self,
@@ -161,4 +176,27 @@ pub trait KeyProvider: Send + Sync {
 
     /// Reports whether the master key is still usable (revocation check).
     async fn master_key_state(&self) -> Result<MasterKeyState, KeyError>;
+
+    /// Proves the master key still unwraps: unwraps `canary` (a stored
+    /// wrapped key) and drops the plaintext at once (it zeroizes on drop).
+    /// `Ok(Enabled)` when it unwrapped, `Ok(Revoked)` when the provider
+    /// refused in a way that means the key can no longer be used,
+    /// `Err` for anything transient. The default treats a wrong-key answer as
+    /// revocation and every other failure as transient.
+    async fn canary_state(
+        &self,
+        canary: &WrappedKey,
+        ctx: &EncryptionContext,
+    ) -> Result<MasterKeyState, KeyError> {
+        match self.unwrap(canary, ctx).await {
+            Ok(key) => {
+                drop(key);
+                Ok(MasterKeyState::Enabled)
+            }
+            Err(KeyError::WrongKey(m)) => Ok(MasterKeyState::Revoked(format!(
+                "the master key no longer unwraps the canary: {m}"
+            ))),
+            Err(e) => Err(e),
+        }
+    }
 }

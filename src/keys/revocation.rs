@@ -2,6 +2,14 @@
 //! master key (the customer's CMK) is still usable, and fails closed when the
 //! KMS itself has reported it revoked for longer than a grace period.
 //!
+//! A check is two calls: the key's state (DescribeKey), then, when that says
+//! usable, a *canary* unwrap: the provider decrypts a stored wrapped universe
+//! key and the plaintext is dropped (zeroized) at once. The canary is what
+//! notices a withdrawn `kms:Decrypt` permission (key policy, grant or IAM),
+//! which leaves DescribeKey saying Enabled. A refused canary counts as a
+//! revocation, with the same grace period. What is watched is a
+//! [`WatchedKey`]: an online rewrap points it at the new master key and canary.
+//!
 //! Rules:
 //!
 //! * `Ok(Enabled)` → normal; a revocation seen earlier is cleared (the key was
@@ -25,8 +33,93 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{KeyError, KeyProvider, MasterKeyState};
+use super::{EncryptionContext, KeyError, KeyProvider, MasterKeyState, WrappedKey};
 use crate::crypto::KeyRing;
+
+/// A wrapped universe key the watcher unwraps to prove the master key works.
+#[derive(Debug, Clone)]
+pub struct Canary {
+    /// The stored blob (for instance the active version's wrapped key).
+    pub wrapped: WrappedKey,
+    /// The context it is bound to.
+    pub context: EncryptionContext,
+}
+
+impl Canary {
+    /// The active version's wrapped key of `registry` (none when encryption is off).
+    pub fn active_of(registry: &super::registry::Registry) -> Option<Canary> {
+        let active = registry.active_version()?;
+        registry
+            .key_versions()
+            .iter()
+            .find(|v| v.version == active)
+            .map(|v| Canary {
+                wrapped: v.wrapped.clone(),
+                context: v.context.clone(),
+            })
+    }
+}
+
+/// What the watcher checks: a provider and the canary it must unwrap.
+pub struct WatchTarget {
+    /// The master key's provider.
+    pub provider: Arc<dyn KeyProvider>,
+    /// The canary; `None` checks the key state only.
+    pub canary: Option<Canary>,
+}
+
+/// The watcher's target, swappable while it runs (an online rewrap moves the
+/// directory to another master key).
+pub struct WatchedKey(std::sync::RwLock<Arc<WatchTarget>>);
+
+impl WatchedKey {
+    /// A target to watch.
+    pub fn new(provider: Arc<dyn KeyProvider>, canary: Option<Canary>) -> Self {
+        Self(std::sync::RwLock::new(Arc::new(WatchTarget {
+            provider,
+            canary,
+        })))
+    }
+
+    /// The current target.
+    pub fn current(&self) -> Arc<WatchTarget> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replaces the canary (after a rotation makes another version active,
+    /// or a retirement removes the canary's version from the registry).
+    pub fn set_canary(&self, canary: Option<Canary>) {
+        let provider = Arc::clone(&self.current().provider);
+        self.replace(provider, canary);
+    }
+
+    /// Points the watcher at another master key and canary from its next check.
+    pub fn replace(&self, provider: Arc<dyn KeyProvider>, canary: Option<Canary>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(WatchTarget { provider, canary });
+    }
+}
+
+impl std::fmt::Debug for WatchedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = self.current();
+        f.debug_struct("WatchedKey")
+            .field("master_key_id", &t.provider.master_key_id())
+            .field("canary", &t.canary.is_some())
+            .finish()
+    }
+}
+
+/// One check of `target`: the key state, then (when usable) the canary.
+pub async fn check_master_key(target: &WatchTarget) -> Result<MasterKeyState, KeyError> {
+    match target.provider.master_key_state().await? {
+        MasterKeyState::Enabled => match &target.canary {
+            Some(c) => target.provider.canary_state(&c.wrapped, &c.context).await,
+            None => Ok(MasterKeyState::Enabled),
+        },
+        revoked => Ok(revoked),
+    }
+}
 
 /// Health of the master key as last established.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,12 +326,8 @@ impl RevocationState {
     }
 }
 
-/// Watches the master key until `shutdown` completes or the keys are wiped.
-///
-/// Checks once immediately, then every `interval` (see the module doc for the
-/// rules). On fail-closed it calls [`KeyRing::wipe`] with the reason, logs an
-/// error and returns. The provider's own timeouts bound each check; `shutdown`
-/// also interrupts a check in flight.
+/// Watches the master key of `provider` (key state only, no canary); see
+/// [`watch_key`].
 pub async fn watch_master_key(
     provider: Arc<dyn KeyProvider>,
     ring: Arc<KeyRing>,
@@ -247,11 +336,31 @@ pub async fn watch_master_key(
     state: Arc<RevocationState>,
     shutdown: impl Future,
 ) {
+    let target = Arc::new(WatchedKey::new(provider, None));
+    watch_key(target, ring, interval, grace, state, shutdown).await
+}
+
+/// Watches the master key until `shutdown` completes or the keys are wiped.
+///
+/// Checks once immediately, then every `interval` (see the module doc for the
+/// rules), each time against the target `watched` holds then. On fail-closed
+/// it calls [`KeyRing::wipe`] with the reason, logs an error and returns. The
+/// provider's own timeouts bound each check; `shutdown` also interrupts a
+/// check in flight.
+pub async fn watch_key(
+    watched: Arc<WatchedKey>,
+    ring: Arc<KeyRing>,
+    interval: Duration,
+    grace: Duration,
+    state: Arc<RevocationState>,
+    shutdown: impl Future,
+) {
     tokio::pin!(shutdown);
-    let key_id = provider.master_key_id();
     loop {
+        let target = watched.current();
+        let key_id = target.provider.master_key_id();
         let result = tokio::select! {
-            r = provider.master_key_state() => r,
+            r = check_master_key(&target) => r,
             _ = &mut shutdown => return,
         };
         if let Err(e) = &result {
@@ -291,11 +400,14 @@ mod tests {
         Enabled,
         Revoked,
         Down,
+        /// DescribeKey still says Enabled, but the key no longer unwraps.
+        DecryptDenied,
     }
 
     struct FakeProvider {
         state: Mutex<Fake>,
         calls: AtomicU64,
+        unwraps: AtomicU64,
     }
 
     impl FakeProvider {
@@ -303,6 +415,7 @@ mod tests {
             Arc::new(Self {
                 state: Mutex::new(s),
                 calls: AtomicU64::new(0),
+                unwraps: AtomicU64::new(0),
             })
         }
         fn set(&self, s: Fake) {
@@ -326,13 +439,19 @@ mod tests {
             _: &WrappedKey,
             _: &EncryptionContext,
         ) -> Result<SecretKey, KeyError> {
-            Err(KeyError::Config("unused".into()))
+            self.unwraps.fetch_add(1, Ordering::Relaxed);
+            let s = *self.state.lock().unwrap();
+            match s {
+                Fake::DecryptDenied => Err(KeyError::WrongKey("decrypt denied".into())),
+                Fake::Down => Err(KeyError::Unavailable("connection refused".into())),
+                _ => Ok(SecretKey::generate().unwrap()),
+            }
         }
         async fn master_key_state(&self) -> Result<MasterKeyState, KeyError> {
             self.calls.fetch_add(1, Ordering::Relaxed);
             let s = *self.state.lock().unwrap();
             match s {
-                Fake::Enabled => Ok(MasterKeyState::Enabled),
+                Fake::Enabled | Fake::DecryptDenied => Ok(MasterKeyState::Enabled),
                 Fake::Revoked => Ok(MasterKeyState::Revoked("KeyState Disabled".into())),
                 Fake::Down => Err(KeyError::Unavailable("connection refused".into())),
             }
@@ -503,6 +622,76 @@ mod tests {
         let checks = h.state.snapshot().checks;
         at(10 * MIN).await;
         assert_eq!(h.state.snapshot().checks, checks);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn canary_notices_a_withdrawn_decrypt_permission() {
+        let fake = FakeProvider::new(Fake::Enabled);
+        let ring = ring();
+        let state = Arc::new(RevocationState::new());
+        let canary = Canary {
+            wrapped: WrappedKey(vec![1; 60]),
+            context: EncryptionContext::new(),
+        };
+        let watched = Arc::new(WatchedKey::new(fake.clone(), Some(canary)));
+        let (_tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(watch_key(
+            watched,
+            ring.clone(),
+            MIN,
+            2 * MIN,
+            state.clone(),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        at(Duration::from_secs(1)).await;
+        assert_eq!(fake.unwraps.load(Ordering::Relaxed), 1, "canary unwrapped");
+        fake.set(Fake::DecryptDenied);
+        at(MIN).await; // t = 1m01: denied, grace until 3m
+        let s = state.snapshot();
+        assert!(
+            matches!(s.health, MasterKeyHealth::Revoked { ref reason, .. }
+            if reason.contains("no longer unwraps the canary")),
+            "{s:?}"
+        );
+        at(MIN + Duration::from_secs(58)).await; // t = 2m59
+        assert!(!ring.is_failed_closed());
+        at(Duration::from_secs(3)).await; // t = 3m02
+        assert!(ring.is_failed_closed());
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("watcher ended")
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replaced_target_is_checked_from_the_next_check() {
+        let old = FakeProvider::new(Fake::Enabled);
+        let new = FakeProvider::new(Fake::Enabled);
+        let ring = ring();
+        let state = Arc::new(RevocationState::new());
+        let watched = Arc::new(WatchedKey::new(old.clone(), None));
+        let (_tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let _task = tokio::spawn(watch_key(
+            watched.clone(),
+            ring.clone(),
+            MIN,
+            MIN,
+            state.clone(),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        at(Duration::from_secs(1)).await;
+        watched.replace(new.clone(), None);
+        // The old key is disabled after the rewrap: nobody asks it any more.
+        old.set(Fake::Revoked);
+        at(5 * MIN).await;
+        assert_eq!(old.calls.load(Ordering::Relaxed), 1);
+        assert!(new.calls.load(Ordering::Relaxed) >= 4);
+        assert!(!ring.is_failed_closed());
+        assert_eq!(state.snapshot().health, MasterKeyHealth::Ok);
     }
 
     #[test]

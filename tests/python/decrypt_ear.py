@@ -101,6 +101,56 @@ def unwrap_universe_keys(registry, kek):
     return keys
 
 
+REGISTRY_MAC_DOMAIN = b"ear-sidecar/v2 key-registry"
+INFO_REGISTRY_MAC = b"ear-sidecar/v2 registry-mac-key"
+
+
+def registry_canonical(registry):
+    """The bytes the registry `mac` covers (FORMAT.md, Registry integrity)."""
+    def s(text):
+        b = text.encode("utf-8")
+        return struct.pack(">Q", len(b)) + b
+
+    def opt(text):
+        return b"\x00" if text is None else b"\x01" + s(text)
+
+    out = bytearray(REGISTRY_MAC_DOMAIN)
+    out += struct.pack(">I", registry["format"]) + s(registry["dir_id"])
+    out += bytes([1 if registry["encryption"] == "on" else 0])
+    out += opt(registry["provider"]) + opt(registry["master_key_id"])
+    out += struct.pack(">I", registry["active_version"] or 0)
+    versions = sorted(registry["versions"], key=lambda v: v["version"])
+    out += struct.pack(">Q", len(versions))
+    for v in versions:
+        blob = base64.b64decode(v["wrapped"], validate=True)
+        out += struct.pack(">I", v["version"]) + struct.pack(">Q", len(blob)) + blob
+        out += struct.pack(">Q", v["created_unix"])
+        items = sorted(v["context"].items(), key=lambda kv: kv[0].encode("utf-8"))
+        out += struct.pack(">Q", len(items))
+        for k, val in items:
+            out += s(k) + s(val)
+    return bytes(out)
+
+
+def verify_registry_mac(registry, universe_keys):
+    """Checks every version's `mac` under its own key; only a one-version registry may lack them."""
+    versions = registry["versions"]
+    if not any("mac" in v for v in versions):
+        if [v["version"] for v in versions] == [1] and registry["active_version"] == 1:
+            return
+        raise FormatError("keys.json has no mac but more than version 1")
+    msg = registry_canonical(registry)
+    for v in versions:
+        if "mac" not in v:
+            raise FormatError("key version %d has no mac" % v["version"])
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=bytes.fromhex(registry["dir_id"]),
+                   info=INFO_REGISTRY_MAC).derive(universe_keys[v["version"]])
+        want = hmac.new(key, msg, hashlib.sha256).digest()
+        if not hmac.compare_digest(want, bytes.fromhex(v["mac"])):
+            raise FormatError("keys.json mac of version %d does not verify (the registry was edited)"
+                              % v["version"])
+
+
 def derive(universe_key, file_id, info):
     """HKDF-SHA256(salt = file_id, IKM = universe key, info), 32 bytes."""
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=file_id, info=info).derive(universe_key)
@@ -216,6 +266,7 @@ def decrypt_export(data_dir, export, kek_file, out):
         if len(kek) != 32:
             raise FormatError("KEK file holds %d bytes, not 32" % len(kek))
         universe_keys = unwrap_universe_keys(registry, kek)
+        verify_registry_mac(registry, universe_keys)
     elif registry["encryption"] != "off":
         raise FormatError("encryption is %r" % registry["encryption"])
 

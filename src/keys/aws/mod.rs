@@ -338,6 +338,81 @@ impl AwsKmsProvider {
         })
     }
 
+    /// KMS Encrypt of an existing universe key under this CMK, bound to
+    /// `ctx`. The request body (base64 of the key) is built and freed inside
+    /// the SDK; the copy handed to it here is the only one this code makes.
+    async fn encrypt_key(
+        &self,
+        key: &SecretKey,
+        ctx: &EncryptionContext,
+    ) -> Result<Vec<u8>, (FailureKind, String)> {
+        let started = Instant::now();
+        let res = self
+            .client
+            .encrypt()
+            .key_id(&self.arn_string)
+            .plaintext(Blob::new(key.expose().to_vec()))
+            .set_encryption_context(Some(to_hash_map(ctx)))
+            .send()
+            .await;
+        let out = self.finish(KmsOp::Encrypt, started, res)?;
+        self.check_answering_key(out.key_id.as_deref())?;
+        match out.ciphertext_blob {
+            Some(b) if !b.as_ref().is_empty() => Ok(b.into_inner()),
+            _ => Err((
+                FailureKind::Other,
+                "Encrypt returned no CiphertextBlob".to_string(),
+            )),
+        }
+    }
+
+    /// Refuses an answer that names another key than this provider's CMK.
+    fn check_answering_key(&self, id: Option<&str>) -> Result<(), (FailureKind, String)> {
+        match id {
+            Some(id) if id != self.arn_string && !self.arn_string.ends_with(&format!("/{id}")) => {
+                Err((
+                    FailureKind::InvalidCiphertext,
+                    format!("KMS answered for key {id}, not {}", self.arn_string),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// KMS ReEncrypt of `wrapped` (a blob of CMK `source_arn` under `ctx`) to
+    /// this provider's CMK with the same encryption context: the universe key
+    /// never leaves KMS. Needs `kms:ReEncryptFrom` on the source key and
+    /// `kms:ReEncryptTo` on this one.
+    pub async fn re_encrypt_from(
+        &self,
+        source_arn: &str,
+        wrapped: &WrappedKey,
+        ctx: &EncryptionContext,
+    ) -> Result<WrappedKey, KeyError> {
+        let started = Instant::now();
+        let res = self
+            .client
+            .re_encrypt()
+            .ciphertext_blob(Blob::new(wrapped.0.clone()))
+            .source_key_id(source_arn)
+            .set_source_encryption_context(Some(to_hash_map(ctx)))
+            .destination_key_id(&self.arn_string)
+            .set_destination_encryption_context(Some(to_hash_map(ctx)))
+            .send()
+            .await;
+        let out = self
+            .finish(KmsOp::ReEncrypt, started, res)
+            .map_err(|(k, m)| key_error(k, m))?;
+        self.check_answering_key(out.key_id.as_deref())
+            .map_err(|(k, m)| key_error(k, m))?;
+        match out.ciphertext_blob {
+            Some(b) if !b.as_ref().is_empty() => Ok(WrappedKey(b.into_inner())),
+            _ => Err(KeyError::Refused(
+                "ReEncrypt returned no CiphertextBlob".to_string(),
+            )),
+        }
+    }
+
     async fn encrypt_probe(&self) -> Result<(), (FailureKind, String)> {
         let started = Instant::now();
         let res = self
@@ -503,6 +578,17 @@ impl KeyProvider for AwsKmsProvider {
             .map_err(|(k, m)| key_error(k, m))
     }
 
+    async fn wrap_key(
+        &self,
+        key: &SecretKey,
+        ctx: &EncryptionContext,
+    ) -> Result<WrappedKey, KeyError> {
+        self.encrypt_key(key, ctx)
+            .await
+            .map(WrappedKey)
+            .map_err(|(k, m)| key_error(k, m))
+    }
+
     async fn unwrap(
         &self,
         wrapped: &WrappedKey,
@@ -511,6 +597,33 @@ impl KeyProvider for AwsKmsProvider {
         self.decrypt(&wrapped.0, ctx)
             .await
             .map_err(|(k, m)| key_error(k, m))
+    }
+
+    /// Decrypt of the canary. KMS refusing it for a reason that means the key
+    /// is no longer ours to use (AccessDenied: `kms:Decrypt` removed from the
+    /// key policy or grant; Disabled; invalid state; not found; the blob no
+    /// longer decrypting) is a revocation; network trouble, throttling and
+    /// credential problems are not.
+    async fn canary_state(
+        &self,
+        canary: &WrappedKey,
+        ctx: &EncryptionContext,
+    ) -> Result<MasterKeyState, KeyError> {
+        match self.decrypt(&canary.0, ctx).await {
+            Ok(key) => {
+                drop(key);
+                Ok(MasterKeyState::Enabled)
+            }
+            Err((kind, msg))
+                if describe_failure_is_revocation(kind)
+                    || kind == FailureKind::InvalidCiphertext =>
+            {
+                Ok(MasterKeyState::Revoked(format!(
+                    "kms:Decrypt failed: {msg}"
+                )))
+            }
+            Err((kind, msg)) => Err(key_error(kind, msg)),
+        }
     }
 
     /// DescribeKey. `Enabled` → usable. Disabled / PendingDeletion / … →

@@ -20,16 +20,19 @@ pub enum KmsOp {
     Encrypt,
     /// `ListAliases` (validation only).
     ListAliases,
+    /// `ReEncrypt` (rewrap under another CMK).
+    ReEncrypt,
 }
 
 impl KmsOp {
     /// Every operation, in a stable order.
-    pub const ALL: [KmsOp; 5] = [
+    pub const ALL: [KmsOp; 6] = [
         KmsOp::GenerateDataKeyWithoutPlaintext,
         KmsOp::Decrypt,
         KmsOp::DescribeKey,
         KmsOp::Encrypt,
         KmsOp::ListAliases,
+        KmsOp::ReEncrypt,
     ];
 
     /// The API name (also a good metric label).
@@ -40,6 +43,7 @@ impl KmsOp {
             KmsOp::DescribeKey => "DescribeKey",
             KmsOp::Encrypt => "Encrypt",
             KmsOp::ListAliases => "ListAliases",
+            KmsOp::ReEncrypt => "ReEncrypt",
         }
     }
 
@@ -51,6 +55,7 @@ impl KmsOp {
             KmsOp::DescribeKey => "kms:DescribeKey",
             KmsOp::Encrypt => "kms:Encrypt",
             KmsOp::ListAliases => "kms:ListAliases",
+            KmsOp::ReEncrypt => "kms:ReEncryptFrom/kms:ReEncryptTo",
         }
     }
 
@@ -61,6 +66,7 @@ impl KmsOp {
             KmsOp::DescribeKey => 2,
             KmsOp::Encrypt => 3,
             KmsOp::ListAliases => 4,
+            KmsOp::ReEncrypt => 5,
         }
     }
 }
@@ -87,13 +93,13 @@ pub struct KmsOpCounters {
 /// Per-operation KMS call counters, shared with the metrics layer.
 #[derive(Debug, Default)]
 pub struct KmsCallStats {
-    ops: [KmsOpCounters; 5],
+    ops: [KmsOpCounters; 6],
 }
 
 impl KmsCallStats {
     /// Counters of `op`.
     pub fn op(&self, op: KmsOp) -> &KmsOpCounters {
-        // `index()` is always < 5 by construction.
+        // `index()` is always < 6 by construction.
         &self.ops[op.index()]
     }
 
