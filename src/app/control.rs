@@ -22,6 +22,8 @@ pub struct ControlPlane {
     pub store: Arc<Store>,
     /// Universe keys (`None` when encryption is off).
     pub keys: Option<Arc<KeyRing>>,
+    /// Key rotation, sweep and retirement (`None` when encryption is off).
+    pub key_ops: Option<Arc<super::keys::KeyOps>>,
     /// The directory's current master key (provider) and revocation canary;
     /// a rewrap replaces both (`None` when encryption is off).
     pub master_key: Option<Arc<WatchedKey>>,
@@ -29,7 +31,7 @@ pub struct ControlPlane {
     pub kms_endpoint: Option<String>,
     /// Held by every operation that writes `keys.json`, so writers never
     /// interleave.
-    pub registry_lock: tokio::sync::Mutex<()>,
+    pub registry_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -49,6 +51,11 @@ impl Handler for ControlPlane {
                 "pid": std::process::id(),
             })),
             Request::Status => Ok(self.status()),
+            Request::KeysStatus
+            | Request::KeysRotate
+            | Request::KeysRetire { .. }
+            | Request::KeysSweepPause
+            | Request::KeysSweepResume => self.key_lifecycle(&req).await,
             Request::Backup {
                 export,
                 to,
@@ -74,6 +81,17 @@ impl Handler for ControlPlane {
 }
 
 impl ControlPlane {
+    /// Key rotation, sweep and retirement requests.
+    async fn key_lifecycle(&self, req: &Request) -> Result<Value, String> {
+        let Some(ops) = &self.key_ops else {
+            return Err("this sidecar runs with encryption off: it has no universe keys to rotate or retire".into());
+        };
+        match ops.handle(req).await {
+            Some(r) => r,
+            None => Err(format!("{} is not a key operation", req.op_name())),
+        }
+    }
+
     /// Takes a backup of `export` now (the `backup --admin-socket` command)
     /// and records its outcome in the export's backup metrics.
     async fn backup(
@@ -160,6 +178,7 @@ impl ControlPlane {
             "pid": std::process::id(),
             "encryption": if self.keys.is_some() { "on" } else { "off" },
             "keys": keys,
+            "key_rotation": self.key_ops.as_ref().map(|k| k.summary()),
             "exports": exports,
         })
     }

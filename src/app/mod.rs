@@ -11,6 +11,7 @@ pub mod backup;
 pub mod check;
 pub mod commands;
 pub mod control;
+pub mod keys;
 pub mod keys_wrap;
 pub mod report;
 
@@ -49,6 +50,8 @@ pub struct App {
     control: Option<UnixListener>,
     watched: Option<Arc<WatchedKey>>,
     keys: Option<Arc<KeyRing>>,
+    key_ops: Option<Arc<keys::KeyOps>>,
+    registry_lock: Arc<tokio::sync::Mutex<()>>,
     revocation: Arc<RevocationState>,
 }
 
@@ -196,6 +199,29 @@ impl App {
         let watched = provider
             .as_ref()
             .map(|p| Arc::new(WatchedKey::new(Arc::clone(p), Canary::active_of(&registry))));
+        // One lock for every writer of keys.json (rotation, retirement,
+        // rewrap), shared by the admin socket and the rotation schedule.
+        let registry_lock = Arc::new(tokio::sync::Mutex::new(()));
+        let key_ops = match (&watched, &keys) {
+            (Some(w), Some(ring)) => {
+                let sweeper = store::sweep::Sweeper::start(
+                    &store,
+                    Arc::clone(ring),
+                    &cfg.data_dir,
+                    cfg.rotation.reencrypt_bytes_per_sec,
+                );
+                Some(Arc::new(keys::KeyOps::new(
+                    &cfg.data_dir,
+                    &registry,
+                    Arc::clone(&registry_lock),
+                    Arc::clone(w),
+                    Arc::clone(ring),
+                    Arc::clone(&store),
+                    sweeper,
+                )))
+            }
+            _ => None,
+        };
         if let Some(k) = &keys {
             health.watch_key_ring(Arc::clone(k));
             health.watch_revocation(Arc::clone(&revocation));
@@ -203,7 +229,11 @@ impl App {
         let request_metrics = match &metrics {
             Some(m) => {
                 wire_metrics(m, keys.as_ref(), &revocation, aws_provider.as_deref());
-                m.request_metrics(&store)
+                let rm = m.request_metrics(&store);
+                if let Some(ops) = &key_ops {
+                    m.set_sweeper(ops.sweeper().clone());
+                }
+                rm
             }
             None => RequestMetrics::default(),
         };
@@ -238,6 +268,8 @@ impl App {
             control,
             watched,
             keys,
+            key_ops,
+            registry_lock,
             revocation,
         })
     }
@@ -266,12 +298,13 @@ impl App {
                 data_dir: self.cfg.data_dir.clone(),
                 store: Arc::clone(&self.store),
                 keys: self.keys.clone(),
+                key_ops: self.key_ops.clone(),
                 master_key: self.watched.clone(),
                 kms_endpoint: match &self.cfg.kms {
                     Some(KmsConfig::Aws { endpoint, .. }) => endpoint.clone(),
                     _ => None,
                 },
-                registry_lock: tokio::sync::Mutex::new(()),
+                registry_lock: Arc::clone(&self.registry_lock),
             };
             let cfg = crate::control::ControlConfig {
                 allow_uids: (!self.cfg.allow_uids.is_empty()).then(|| self.cfg.allow_uids.clone()),
@@ -283,7 +316,20 @@ impl App {
                 let _ = control_stopped.await;
             }))
         });
+        let (stop_schedules, schedules_stopped) = tokio::sync::watch::channel(false);
+        if let Some(ops) = &self.key_ops {
+            ops.spawn_schedules(
+                self.cfg.rotation.rotate_every,
+                self.cfg.rotation.retire_after_sweep,
+                schedules_stopped,
+            );
+        }
         server::run(self.listener, self.shared, shutdown).await;
+        let _ = stop_schedules.send(true);
+        if let Some(ops) = &self.key_ops {
+            // The sweep stops (cursor saved) before the exports are closed.
+            tokio::task::block_in_place(|| ops.sweeper().stop());
+        }
         let _ = stop_control.send(());
         if let Some(c) = control {
             let _ = c.await;

@@ -13,6 +13,20 @@ pub enum Request {
     Ping,
     /// What the sidecar serves: exports, key versions, encryption mode.
     Status,
+    // ---- key rotation and retirement ----
+    /// Key versions, blocks per version and export, sweep progress.
+    KeysStatus,
+    /// Make a new universe-key version active; the sweep re-encrypts.
+    KeysRotate,
+    /// Remove a key version no block or header uses any more.
+    KeysRetire {
+        /// The version to retire.
+        version: u32,
+    },
+    /// Pause the re-encryption sweep (persisted).
+    KeysSweepPause,
+    /// Resume the re-encryption sweep.
+    KeysSweepResume,
     /// Take a backup of an export at a cut taken now. Progress lines after
     /// the cut carry the message [`BACKUP_CUT_TAKEN`] (a freeze hook thaws
     /// on the first one).
@@ -51,6 +65,11 @@ impl Request {
         match self {
             Request::Ping => "ping",
             Request::Status => "status",
+            Request::KeysStatus => "keys-status",
+            Request::KeysRotate => "keys-rotate",
+            Request::KeysRetire { .. } => "keys-retire",
+            Request::KeysSweepPause => "keys-sweep-pause",
+            Request::KeysSweepResume => "keys-sweep-resume",
             Request::Backup { .. } => "backup",
             Request::KeysRewrap { .. } => "keys-rewrap",
         }

@@ -743,6 +743,88 @@ impl Registry {
     }
 }
 
+/// Key rotation and retirement: the registry side of the key lifecycle.
+/// The caller (the app's key operations) orders these against the key ring
+/// and the store: a new version is saved before any block uses it, and a
+/// version is removed only once no block or header uses it.
+impl Registry {
+    /// The version a rotation creates: one above every stored version.
+    pub fn next_version(&self) -> Result<u32, KeyError> {
+        self.versions
+            .iter()
+            .map(|v| v.version)
+            .max()
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or_else(|| self.error("all 2^32 key versions are used up".into()))
+    }
+
+    /// Rotates the universe key: has `provider` generate a new version
+    /// (local: a random key wrapped by the KEK; aws:
+    /// `GenerateDataKeyWithoutPlaintext` with the version in the
+    /// encryption context), unwraps it once to prove it works, makes it
+    /// the active version and saves the registry atomically, sealed with
+    /// the keys of `ring` and the new key. Returns the new version and its
+    /// key for the key ring; on any failure the registry (file and value)
+    /// is unchanged.
+    pub async fn rotate(
+        &mut self,
+        provider: &dyn KeyProvider,
+        ring: &KeyRing,
+    ) -> Result<(u32, SecretKey), KeyError> {
+        self.check_compatible(true, Some(provider))?;
+        let version = self.next_version()?;
+        let context = universe_key_context(&self.dir_id, version);
+        let wrapped = provider
+            .generate_wrapped(&context)
+            .await
+            .map_err(|e| with_version(e, version))?;
+        let key = provider
+            .unwrap(&wrapped, &context)
+            .await
+            .map_err(|e| with_version(e, version))?;
+        let mut next = self.clone();
+        next.versions.push(KeyVersion {
+            version,
+            wrapped,
+            context,
+            created_unix: now_unix(),
+        });
+        next.active_version = Some(version);
+        next.save_with_keys(ring, &[(version, &key)])?;
+        *self = next;
+        Ok((version, key))
+    }
+
+    /// Removes version `version` and its wrapped key from the registry and
+    /// saves it atomically, sealed with the keys of `ring` (crypto-shredding
+    /// once no copy of the old file remains). Refuses the active version and
+    /// a version not stored. The caller has made sure no block or header
+    /// uses it.
+    pub fn retire(&mut self, version: u32, ring: &KeyRing) -> Result<(), KeyError> {
+        if self.active_version == Some(version) {
+            return Err(self.error(format!(
+                "key version {version} is the active version; rotate first, then retire it"
+            )));
+        }
+        if !self.versions.iter().any(|v| v.version == version) {
+            return Err(self.error(format!(
+                "there is no key version {version} (stored: {})",
+                self.versions
+                    .iter()
+                    .map(|v| v.version.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let mut next = self.clone();
+        next.versions.retain(|v| v.version != version);
+        next.save(Some(ring))?;
+        *self = next;
+        Ok(())
+    }
+}
+
 /// `e` with "key version N: " before its message.
 pub(crate) fn with_version(e: KeyError, version: u32) -> KeyError {
     match e {
@@ -1269,6 +1351,74 @@ mod tests {
         assert!(
             e.contains("keys.json") && e.contains("not valid JSON"),
             "{e}"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn rotate_then_retire() {
+        let keys = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let p = kek(keys.path(), "kek");
+        let mut reg = Registry::create(data.path(), true, Some(&p)).await.unwrap();
+        let ring = reg.unwrap_all(&p, 8).await.unwrap();
+        let (v, key) = reg.rotate(&p, &ring).await.unwrap();
+        assert_eq!(v, 2);
+        assert_eq!(reg.active_version(), Some(2));
+        let loaded = Registry::load(data.path()).unwrap().unwrap();
+        assert_eq!(loaded, reg);
+        let ctx = &loaded.key_versions()[1].context;
+        assert_eq!(ctx.get(CTX_KEY_VERSION).map(String::as_str), Some("2"));
+        let ring2 = loaded.unwrap_all(&p, 8).await.unwrap();
+        assert_eq!(ring2.snapshot().versions, vec![1, 2]);
+        assert_eq!(ring2.active_version(), 2);
+        // Sealed with every version's key, the new one included.
+        assert_eq!(loaded.verify_seal(&ring2).unwrap(), Seal::Verified);
+        // The returned key is the one stored wrapped.
+        let f = [1u8; 16];
+        let mut direct = BTreeMap::new();
+        direct.insert(2, key);
+        let direct = KeyRing::new(direct, 2, 8).unwrap();
+        assert_eq!(
+            ring2.file_keys(&f, 2, 1).unwrap().header_mac(&[0u8; 192]),
+            direct.file_keys(&f, 2, 1).unwrap().header_mac(&[0u8; 192])
+        );
+
+        let e = reg.retire(2, &ring2).unwrap_err().to_string();
+        assert!(e.contains("is the active version"), "{e}");
+        let e = reg.retire(7, &ring2).unwrap_err().to_string();
+        assert!(
+            e.contains("there is no key version 7 (stored: 1, 2)"),
+            "{e}"
+        );
+        reg.retire(1, &ring2).unwrap();
+        let loaded = Registry::load(data.path()).unwrap().unwrap();
+        assert_eq!(loaded.versions().len(), 1);
+        assert_eq!(loaded.versions()[0].version, 2);
+        let ring3 = loaded.unwrap_all(&p, 8).await.unwrap();
+        assert_eq!(loaded.verify_seal(&ring3).unwrap(), Seal::Verified);
+        // The retired wrapped key is gone from the file.
+        let text = std::fs::read_to_string(Registry::path_in(data.path())).unwrap();
+        assert!(!text.contains("\"version\": 1"), "{text}");
+        // The next rotation never reuses a number.
+        let (v, _) = reg.rotate(&p, &ring3).await.unwrap();
+        assert_eq!(v, 3);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn failed_rotation_changes_nothing() {
+        let keys = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let p = kek(keys.path(), "kek");
+        let mut reg = Registry::create(data.path(), true, Some(&p)).await.unwrap();
+        let ring = reg.unwrap_all(&p, 8).await.unwrap();
+        let before = std::fs::read(Registry::path_in(data.path())).unwrap();
+        let other = kek(keys.path(), "other");
+        assert!(reg.rotate(&other, &ring).await.is_err());
+        assert!(reg.rotate(&OtherKind, &ring).await.is_err());
+        assert_eq!(reg.active_version(), Some(1));
+        assert_eq!(
+            std::fs::read(Registry::path_in(data.path())).unwrap(),
+            before
         );
     }
 }

@@ -15,6 +15,8 @@ pub mod scrub;
 mod slots;
 pub mod snapshot;
 pub mod spec;
+pub mod sweep;
+pub mod versions;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -210,6 +212,7 @@ impl Store {
         let s = Self::open_no_scrub(data_dir, dir_id, keys, specs, opts)?;
         for e in s.exports.values() {
             scrub::spawn(e);
+            versions::spawn_census(e);
         }
         Ok(s)
     }
@@ -424,5 +427,7 @@ pub fn inspect(data_dir: &Path) -> Result<Vec<ExportInfo>, StoreError> {
 
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+mod sweep_tests;
 #[cfg(test)]
 mod tests;
