@@ -455,8 +455,15 @@ fn region_bytes(version: u8, offset: u64) -> Vec<u8> {
     unit.iter().copied().cycle().take(REGION).collect()
 }
 
-/// One sequential pass of fio over the whole export writing `version`,
-/// at `rate` (e.g. "64m") when given, so a cut lands in the middle.
+/// Sequential writers of a throttled pass: each writes its own quarter of
+/// the export from its start, so some write ahead of the backup reader
+/// wherever it is (which exercises the copy-on-write path).
+const WRITERS: usize = 4;
+
+/// One pass of fio over the whole export writing `version`. Unthrottled it
+/// is one sequential writer; at `rate` (per writer, e.g. "8m") it is
+/// [`WRITERS`] sequential writers, one per quarter, so a cut lands in the
+/// middle of each.
 fn fio_pass(uri: &str, version: u8, rate: Option<&str>, dir: &Path) -> Child {
     let mut c = Command::new("fio");
     c.current_dir(dir).args([
@@ -466,13 +473,23 @@ fn fio_pass(uri: &str, version: u8, rate: Option<&str>, dir: &Path) -> Child {
         "--rw=write",
         &format!("--bs={REGION}"),
         &format!("--iodepth={DEPTH}"),
-        &format!("--size={E2E_SIZE}"),
         "--verify=pattern",
         &format!("--verify_pattern=0x56{:02x}%o", b'0' + version),
         "--do_verify=0",
     ]);
-    if let Some(r) = rate {
-        c.arg(format!("--rate={r}"));
+    match rate {
+        Some(r) => {
+            let quarter = E2E_SIZE / WRITERS as u64;
+            c.args([
+                format!("--rate={r}"),
+                format!("--numjobs={WRITERS}"),
+                format!("--size={quarter}"),
+                format!("--offset_increment={quarter}"),
+            ]);
+        }
+        None => {
+            c.arg(format!("--size={E2E_SIZE}"));
+        }
     }
     c.stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -489,15 +506,16 @@ fn wait_ok(c: Child, what: &str) {
     );
 }
 
-/// Checks that `img` is the export at one instant of a sequential fio pass
-/// writing `new` over `old`: every region holds one of the two versions
-/// (nothing torn, nothing misplaced), and the regions written form the
-/// requests fio had issued by some point, less at most `DEPTH` (those in
-/// flight at that instant): before the last new region, at most `DEPTH`
+/// Checks that `img` is the export at one instant of a fio pass writing
+/// `new` over `old` with `writers` sequential writers, one per equal part:
+/// every region holds one of the two versions (nothing torn, nothing
+/// misplaced), and in each part the regions written form the requests its
+/// writer had issued by some point, less at most `DEPTH` (those in flight at
+/// that instant): before the part's last new region, at most `DEPTH`
 /// regions are still old. A write after the cut leaking into the backup
 /// shows as a new region far beyond the others. Returns the number of new
-/// regions.
-fn check_cut(img: &[u8], new: u8, old: u8) -> Result<usize, String> {
+/// regions in each part.
+fn check_cut(img: &[u8], new: u8, old: u8, writers: usize) -> Result<Vec<usize>, String> {
     let n = img.len() / REGION;
     let mut is_new = Vec::with_capacity(n);
     for r in 0..n {
@@ -513,16 +531,23 @@ fn check_cut(img: &[u8], new: u8, old: u8) -> Result<usize, String> {
             ));
         }
     }
-    let Some(last) = is_new.iter().rposition(|&x| x) else {
-        return Ok(0);
-    };
-    let holes = is_new[..last].iter().filter(|&&x| !x).count();
-    if holes > DEPTH {
-        return Err(format!(
-            "region {last} has version {new} but {holes} regions before it are still version {old} (at most {DEPTH} requests are in flight): a write after the cut leaked into the backup"
-        ));
+    let per = n / writers;
+    let mut out = vec![];
+    for (w, part) in is_new.chunks(per).enumerate() {
+        let Some(last) = part.iter().rposition(|&x| x) else {
+            out.push(0);
+            continue;
+        };
+        let holes = part[..last].iter().filter(|&&x| !x).count();
+        if holes > DEPTH {
+            return Err(format!(
+                "region {} has version {new} but {holes} regions before it in its writer's part are still version {old} (at most {DEPTH} requests are in flight): a write after the cut leaked into the backup",
+                w * per + last
+            ));
+        }
+        out.push(part.iter().filter(|&&x| x).count());
     }
-    Ok(is_new.iter().filter(|&&x| x).count())
+    Ok(out)
 }
 
 /// Runs `ear-sidecar ARGS` with the environment of sidecar `s` (its
@@ -594,9 +619,9 @@ fn cut_under_fio_full_and_incremental_restore_to_the_image_at_each_cut() {
     eprintln!("{:?}: fio pass 1 done", t0.elapsed());
     let mut reports = vec![];
     for version in [2u8, 3] {
-        // The cut is taken while fio writes `version` over `version - 1`
-        // at 32 MiB/s (about 8 s for the export).
-        let fio = fio_pass(&uri, version, Some("32m"), &root);
+        // The cut is taken while fio writes `version` over `version - 1`,
+        // four writers at 8 MiB/s each (about 8 s for the export).
+        let fio = fio_pass(&uri, version, Some("8m"), &root);
         // Cut once fio is under way (its start-up time varies with load):
         // the third region already holds the new version.
         let probe = (2 * REGION) as u64;
@@ -685,14 +710,15 @@ fn cut_under_fio_full_and_incremental_restore_to_the_image_at_each_cut() {
         let img = read_restored(&dir, &s.kek_file(), "v", &[], &[]);
         eprintln!("{:?}: read back {id}", t0.elapsed());
         assert_eq!(img.len() as u64, E2E_SIZE);
-        let p = check_cut(&img, new, old).unwrap_or_else(|e| panic!("backup {id}: {e}"));
+        let parts =
+            check_cut(&img, new, old, WRITERS).unwrap_or_else(|e| panic!("backup {id}: {e}"));
+        let per = E2E_SIZE as usize / REGION / WRITERS;
         eprintln!(
-            "backup {id}: the image at the cut had {p} of {} regions of pass {new}",
-            E2E_SIZE as usize / REGION
+            "backup {id}: the image at the cut had {parts:?} of {per} regions per writer of pass {new}"
         );
         assert!(
-            p > 0 && p < E2E_SIZE as usize / REGION,
-            "the cut must land inside the fio pass (got prefix {p})"
+            parts.iter().all(|&p| p < per) && parts.iter().any(|&p| p > 0),
+            "the cut must land inside the fio pass (got {parts:?} of {per} per writer)"
         );
     }
     s.stop();
@@ -873,7 +899,10 @@ fn killed_backup_lists_nothing_tampering_and_a_wrong_kek_are_refused() {
         &[],
     );
     let img = read_restored(&dir, &s.kek_file(), "v", &[], &[]);
-    assert_eq!(check_cut(&img, 1, 1), Ok(E2E_SIZE as usize / REGION));
+    assert_eq!(
+        check_cut(&img, 1, 1, 1),
+        Ok(vec![E2E_SIZE as usize / REGION])
+    );
 }
 
 #[test]
