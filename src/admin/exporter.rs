@@ -29,6 +29,7 @@ use crate::health::Health;
 use crate::keys::aws::{KmsCallStats, KmsOp};
 use crate::keys::revocation::RevocationState;
 use crate::server::observe::RequestMetrics;
+use crate::store::sweep::Sweeper;
 use crate::store::{Export, Store};
 
 /// Histogram buckets (seconds) for every latency histogram: from a cached
@@ -84,6 +85,25 @@ pub mod names {
     /// Gauge: fraction of groups the scrub after an unclean shutdown has
     /// passed (1 when done or not needed), by `export`.
     pub const SCRUB_PROGRESS: &str = "ear_scrub_progress_ratio";
+    /// Gauge: blocks whose content is under a universe-key version, by
+    /// `export` and `version` (exact once the census finished).
+    pub const KEY_VERSION_BLOCKS: &str = "ear_key_version_blocks";
+    /// Gauge: universe-key versions loaded in memory.
+    pub const KEY_VERSIONS_LOADED: &str = "ear_key_versions_loaded";
+    /// Gauge: Unix time the active universe-key version was created.
+    pub const KEY_LAST_ROTATION: &str = "ear_key_last_rotation_timestamp_seconds";
+    /// Gauge: progress of the re-encryption sweep, 0..1 (1 when nothing is left).
+    pub const SWEEP_PROGRESS: &str = "ear_sweep_progress_ratio";
+    /// Gauge: blocks still under an older key version (all exports).
+    pub const SWEEP_REMAINING: &str = "ear_sweep_remaining_blocks";
+    /// Gauge: re-encryption rate over the last seconds, bytes per second.
+    pub const SWEEP_RATE: &str = "ear_sweep_rate_bytes_per_second";
+    /// Gauge: estimated seconds until the sweep is done (-1 when unknown).
+    pub const SWEEP_ETA: &str = "ear_sweep_eta_seconds";
+    /// Counter: blocks the sweep re-encrypted.
+    pub const SWEEP_REWRITTEN: &str = "ear_sweep_rewritten_blocks_total";
+    /// Gauge 1 while an operator has paused the sweep.
+    pub const SWEEP_PAUSED: &str = "ear_sweep_paused";
 }
 
 /// Registers HELP text and units of every metric with the current recorder.
@@ -160,6 +180,41 @@ pub fn describe_all() {
         SCRUB_PROGRESS,
         "Fraction of groups scrubbed after an unclean shutdown (1 when done)."
     );
+    describe_gauge!(
+        KEY_VERSION_BLOCKS,
+        "Blocks whose content is under this universe-key version (exact once counted)."
+    );
+    describe_gauge!(
+        KEY_VERSIONS_LOADED,
+        "Universe-key versions loaded in memory."
+    );
+    describe_gauge!(
+        KEY_LAST_ROTATION,
+        Unit::Seconds,
+        "Unix time the active universe-key version was created."
+    );
+    describe_gauge!(
+        SWEEP_PROGRESS,
+        "Progress of the re-encryption sweep after a key rotation (1 when nothing is left)."
+    );
+    describe_gauge!(
+        SWEEP_REMAINING,
+        "Blocks still under an older universe-key version."
+    );
+    describe_gauge!(
+        SWEEP_RATE,
+        "Re-encryption rate of the sweep over the last seconds, in bytes per second."
+    );
+    describe_gauge!(
+        SWEEP_ETA,
+        Unit::Seconds,
+        "Estimated seconds until the re-encryption sweep is done (-1 when unknown)."
+    );
+    describe_counter!(SWEEP_REWRITTEN, "Blocks the re-encryption sweep rewrote.");
+    describe_gauge!(
+        SWEEP_PAUSED,
+        "1 while an operator has paused the re-encryption sweep."
+    );
     describe_gauge!(OPEN_CONNECTIONS, "Open NBD client connections.");
     describe_gauge!(EXPORTS, "Exports served.");
     describe_gauge!(
@@ -214,6 +269,19 @@ pub struct Metrics {
     exports: Gauge,
     ready: Gauge,
     store: OnceLock<Vec<(Arc<Export>, StoreHandles)>>,
+    sweep: OnceLock<(Sweeper, SweepHandles)>,
+}
+
+/// Key-lifecycle series: the sweep's status and key-version counts.
+struct SweepHandles {
+    progress: Gauge,
+    remaining: Gauge,
+    rate: Gauge,
+    eta: Gauge,
+    rewritten: Counter,
+    paused: Gauge,
+    loaded: Gauge,
+    last_rotation: Gauge,
 }
 
 /// Per-export series read from the store's counters at scrape time.
@@ -256,6 +324,7 @@ impl Metrics {
             exports: metrics::gauge!(names::EXPORTS),
             ready: metrics::gauge!(names::READY),
             store: OnceLock::new(),
+            sweep: OnceLock::new(),
         };
         m.refresh();
         m
@@ -301,6 +370,60 @@ impl Metrics {
             active: metrics::gauge!(names::ACTIVE_KEY_VERSION),
         };
         let _ = self.keyring.set((ring, g));
+    }
+
+    /// Plugs in the re-encryption sweep (encryption on): sweep and
+    /// key-version series.
+    pub fn set_sweeper(&self, sweeper: Sweeper) {
+        let h = SweepHandles {
+            progress: metrics::gauge!(names::SWEEP_PROGRESS),
+            remaining: metrics::gauge!(names::SWEEP_REMAINING),
+            rate: metrics::gauge!(names::SWEEP_RATE),
+            eta: metrics::gauge!(names::SWEEP_ETA),
+            rewritten: metrics::counter!(names::SWEEP_REWRITTEN),
+            paused: metrics::gauge!(names::SWEEP_PAUSED),
+            loaded: metrics::gauge!(names::KEY_VERSIONS_LOADED),
+            last_rotation: metrics::gauge!(names::KEY_LAST_ROTATION),
+        };
+        let _ = self.sweep.set((sweeper, h));
+    }
+
+    /// Copies the sweep status and per-version block counts.
+    fn refresh_sweep(&self) {
+        let Some((sw, h)) = self.sweep.get() else {
+            return;
+        };
+        let st = sw.status();
+        h.progress.set(st.progress);
+        h.remaining.set(st.remaining_blocks as f64);
+        h.rate.set(st.rate_bytes_per_sec);
+        h.eta.set(st.eta_seconds.unwrap_or(-1.0));
+        h.rewritten.absolute(sw.rewritten());
+        h.paused.set(f64::from(u8::from(sw.is_paused())));
+        let mut loaded = vec![];
+        if let Some((ring, _)) = self.keyring.get() {
+            let snap = ring.snapshot();
+            h.loaded.set(snap.versions.len() as f64);
+            h.last_rotation.set(ring.rotated_unix() as f64);
+            loaded = snap.versions;
+        }
+        for (e, _) in self.store.get().into_iter().flatten() {
+            let counts = e.versions().snapshot().by_version;
+            // Loaded versions always have a series (0 when unused), so a
+            // version that drains to zero is seen doing so.
+            let mut versions: Vec<u32> = counts
+                .keys()
+                .copied()
+                .chain(loaded.iter().copied())
+                .collect();
+            versions.sort_unstable();
+            versions.dedup();
+            for v in versions {
+                metrics::gauge!(names::KEY_VERSION_BLOCKS,
+                    "export" => e.name().to_string(), "version" => v.to_string())
+                .set(counts.get(&v).copied().unwrap_or(0) as f64);
+            }
+        }
     }
 
     /// Plugs in the AWS KMS provider's call counters.
@@ -380,6 +503,7 @@ impl Metrics {
                 done as f64 / total as f64
             });
         }
+        self.refresh_sweep();
         if let Some((state, h)) = self.revocation.get() {
             let s = state.snapshot();
             h.state.set(s.gauge() as f64);

@@ -11,7 +11,6 @@ use serde_json::{json, Value};
 
 use crate::control::{Handler, Progress, Request};
 use crate::crypto::KeyRing;
-use crate::keys::revocation::WatchedKey;
 use crate::store::Store;
 
 /// What control requests act on: the running sidecar's state.
@@ -22,14 +21,12 @@ pub struct ControlPlane {
     pub store: Arc<Store>,
     /// Universe keys (`None` when encryption is off).
     pub keys: Option<Arc<KeyRing>>,
-    /// The directory's current master key (provider) and revocation canary;
-    /// a rewrap replaces both (`None` when encryption is off).
-    pub master_key: Option<Arc<WatchedKey>>,
     /// The sidecar's `--kms-endpoint`, the default for a rewrap's new CMK.
     pub kms_endpoint: Option<String>,
-    /// Held by every operation that writes `keys.json`, so writers never
-    /// interleave.
-    pub registry_lock: tokio::sync::Mutex<()>,
+    /// Key rotation, sweep, retirement and rewrap: the one writer of
+    /// `keys.json`, holding the master key and canary (`None` when encryption
+    /// is off).
+    pub key_ops: Option<Arc<super::keys::KeyOps>>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -63,11 +60,27 @@ impl Handler for ControlPlane {
                 )
                 .await
             }
+            Request::KeysStatus
+            | Request::KeysRotate
+            | Request::KeysRetire { .. }
+            | Request::KeysSweepPause
+            | Request::KeysSweepResume => self.key_lifecycle(&req).await,
         }
     }
 }
 
 impl ControlPlane {
+    /// Key rotation, sweep and retirement requests.
+    async fn key_lifecycle(&self, req: &Request) -> Result<Value, String> {
+        let Some(ops) = &self.key_ops else {
+            return Err("this sidecar runs with encryption off: it has no universe keys to rotate or retire".into());
+        };
+        match ops.handle(req).await {
+            Some(r) => r,
+            None => Err(format!("{} is not a key operation", req.op_name())),
+        }
+    }
+
     /// The live view: what `status --admin-socket` prints.
     fn status(&self) -> Value {
         let exports: Vec<Value> = self

@@ -10,6 +10,7 @@
 pub mod check;
 pub mod commands;
 pub mod control;
+pub mod keys;
 pub mod keys_wrap;
 pub mod report;
 
@@ -48,6 +49,7 @@ pub struct App {
     control: Option<UnixListener>,
     watched: Option<Arc<WatchedKey>>,
     keys: Option<Arc<KeyRing>>,
+    key_ops: Option<Arc<keys::KeyOps>>,
     revocation: Arc<RevocationState>,
 }
 
@@ -189,12 +191,36 @@ impl App {
                 "key registry sealed with a MAC (first start with registry integrity)");
         }
 
-        // Master-key revocation state, filled by the watcher `run` spawns;
-        // the canary it unwraps is the active version's wrapped key.
-        let revocation = Arc::new(RevocationState::new());
+        // The master key (provider) and revocation canary, shared by the
+        // revocation watcher and the key operations: a rewrap replaces the
+        // provider, a rotation or retirement moves the canary.
         let watched = provider
             .as_ref()
             .map(|p| Arc::new(WatchedKey::new(Arc::clone(p), Canary::active_of(&registry))));
+        // The one writer of keys.json in this process from here on.
+        let key_ops = match (&watched, &keys) {
+            (Some(w), Some(ring)) => {
+                let sweeper = store::sweep::Sweeper::start(
+                    &store,
+                    Arc::clone(ring),
+                    &cfg.data_dir,
+                    cfg.rotation.reencrypt_bytes_per_sec,
+                );
+                Some(Arc::new(keys::KeyOps::new(
+                    &cfg.data_dir,
+                    registry.clone(),
+                    Arc::clone(w),
+                    Arc::clone(ring),
+                    Arc::clone(&store),
+                    sweeper,
+                )))
+            }
+            _ => None,
+        };
+
+        // Master-key revocation state, filled by the watcher `run` spawns;
+        // the canary it unwraps is the active version's wrapped key.
+        let revocation = Arc::new(RevocationState::new());
         if let Some(k) = &keys {
             health.watch_key_ring(Arc::clone(k));
             health.watch_revocation(Arc::clone(&revocation));
@@ -202,7 +228,11 @@ impl App {
         let request_metrics = match &metrics {
             Some(m) => {
                 wire_metrics(m, keys.as_ref(), &revocation, aws_provider.as_deref());
-                m.request_metrics(&store)
+                let rm = m.request_metrics(&store);
+                if let Some(ops) = &key_ops {
+                    m.set_sweeper(ops.sweeper().clone());
+                }
+                rm
             }
             None => RequestMetrics::default(),
         };
@@ -237,6 +267,7 @@ impl App {
             control,
             watched,
             keys,
+            key_ops,
             revocation,
         })
     }
@@ -265,12 +296,11 @@ impl App {
                 data_dir: self.cfg.data_dir.clone(),
                 store: Arc::clone(&self.store),
                 keys: self.keys.clone(),
-                master_key: self.watched.clone(),
                 kms_endpoint: match &self.cfg.kms {
                     Some(KmsConfig::Aws { endpoint, .. }) => endpoint.clone(),
                     _ => None,
                 },
-                registry_lock: tokio::sync::Mutex::new(()),
+                key_ops: self.key_ops.clone(),
             };
             let cfg = crate::control::ControlConfig {
                 allow_uids: (!self.cfg.allow_uids.is_empty()).then(|| self.cfg.allow_uids.clone()),
@@ -282,7 +312,20 @@ impl App {
                 let _ = control_stopped.await;
             }))
         });
+        let (stop_schedules, schedules_stopped) = tokio::sync::watch::channel(false);
+        if let Some(ops) = &self.key_ops {
+            ops.spawn_schedules(
+                self.cfg.rotation.rotate_every,
+                self.cfg.rotation.retire_after_sweep,
+                schedules_stopped,
+            );
+        }
         server::run(self.listener, self.shared, shutdown).await;
+        let _ = stop_schedules.send(true);
+        if let Some(ops) = &self.key_ops {
+            // The sweep stops (cursor saved) before the exports are closed.
+            tokio::task::block_in_place(|| ops.sweeper().stop());
+        }
         let _ = stop_control.send(());
         if let Some(c) = control {
             let _ = c.await;
@@ -590,6 +633,39 @@ pub fn aws_options(
     o.endpoint = endpoint.clone();
     o.region = region.clone();
     o
+}
+
+/// The provider a registry names, opened for unwrapping by the offline
+/// commands (`check`, `keys ... --data-dir`): the local KEK file (`kek`, or
+/// the default path), or the registry's CMK.
+pub(crate) async fn registry_provider(
+    reg: &Registry,
+    kek: Option<std::path::PathBuf>,
+    endpoint: &Option<String>,
+    region: &Option<String>,
+) -> Result<Arc<dyn KeyProvider>> {
+    Ok(match reg.provider() {
+        Some("local") => {
+            let kek = kek
+                .or_else(|| crate::config::default_local_kek_file(&|k| std::env::var_os(k)))
+                .ok_or_else(|| anyhow!("no local KEK: pass --local-kek-file PATH"))?;
+            Arc::new(
+                LocalProvider::open_or_create(&kek, false)
+                    .with_context(|| format!("local key-encryption key {}", kek.display()))?,
+            )
+        }
+        Some("aws") => {
+            let key_id = reg
+                .master_key_id()
+                .ok_or_else(|| anyhow!("the key registry names no AWS KMS key"))?;
+            Arc::new(
+                AwsKmsProvider::new(&aws_options(key_id, endpoint, region))
+                    .await
+                    .context("AWS KMS key provider")?,
+            )
+        }
+        other => bail!("the key registry names an unknown key provider {other:?}"),
+    })
 }
 
 /// Logs each validation check (error level for failures).

@@ -38,18 +38,10 @@ pub enum Command {
     ValidateKey(ValidateKeyArgs),
     /// Verify (and with --repair, repair) the backing files of a data directory offline.
     Check(CheckArgs),
-    /// Universe-key lifecycle: offline under the directory lock, or online
-    /// through a running sidecar's --admin-socket.
-    #[command(subcommand)]
-    Keys(KeysCommand),
-}
-
-/// `ear-sidecar keys ...`
-#[derive(Debug, Subcommand)]
-pub enum KeysCommand {
-    /// Re-wrap every universe-key version under a new AWS KMS CMK (also
-    /// migrates a --kms local directory to AWS KMS); data blocks are untouched.
-    Rewrap(RewrapArgs),
+    /// Universe-key lifecycle: status, rotate, retire, the re-encryption
+    /// sweep, and rewrap under a new CMK; offline under the directory lock, or
+    /// online through a running sidecar's --admin-socket.
+    Keys(KeysArgs),
 }
 
 /// Options of `ear-sidecar keys rewrap`.
@@ -237,6 +229,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "on|off")]
     pub integrity: Option<OnOff>,
 
+    /// Key rotation and the re-encryption sweep.
+    #[command(flatten)]
+    pub rotation: RotationArgs,
+
     /// TEST ONLY: block writes per key epoch (default 2^32), so tests can cross
     /// many epochs in seconds. Not a tuning knob.
     #[arg(long, hide = true, env = "EAR_EPOCH_WRITES", value_name = "N",
@@ -386,4 +382,130 @@ fn parse_uid_arg(s: &str) -> Result<u32, String> {
 /// A path where an empty value is allowed (it disables the feature).
 fn path_or_empty(s: &str) -> Result<PathBuf, std::convert::Infallible> {
     Ok(PathBuf::from(s))
+}
+
+// ---- key rotation ----------------------------------------------------------
+
+/// `serve` options of key rotation and the re-encryption sweep.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RotationArgs {
+    /// Rotate the universe key on this period, e.g. 2160h; the sweep then
+    /// re-encrypts older blocks [env: EAR_ROTATE_EVERY] [default: off]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub rotate_every: Option<Duration>,
+
+    /// Rate limit of the re-encryption sweep in MiB/s of blocks rewritten; 0 = unlimited
+    /// [env: EAR_REENCRYPT_RATE] [default: 32]
+    #[arg(long, value_name = "MIB_PER_SEC", value_parser = parse_reencrypt_rate, allow_hyphen_values = true)]
+    pub reencrypt_rate: Option<u64>,
+
+    /// Retire older key versions (remove their wrapped keys) as soon as the
+    /// sweep has moved every block and header off them [env: EAR_RETIRE_AFTER_SWEEP]
+    #[arg(long)]
+    pub retire_after_sweep: bool,
+}
+
+fn parse_reencrypt_rate(s: &str) -> Result<u64, String> {
+    whole_in(s, 0, MAX_REENCRYPT_RATE_MIB)
+}
+
+/// `ear-sidecar keys`.
+#[derive(Debug, Clone, Args)]
+pub struct KeysArgs {
+    /// The operation.
+    #[command(subcommand)]
+    pub op: KeysOp,
+}
+
+/// Operations of `ear-sidecar keys`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeysOp {
+    /// Key versions, blocks per version and export, sweep progress.
+    Status(KeysTarget),
+    /// Make a new universe-key version active (online: the sweep re-encrypts in the
+    /// background; offline: re-encrypts now).
+    Rotate(KeysTarget),
+    /// Remove key version N (refused while a block or header still uses it).
+    Retire(RetireArgs),
+    /// Pause or resume the re-encryption sweep.
+    Sweep(SweepArgs),
+    /// Re-wrap every universe-key version under a new AWS KMS CMK (also
+    /// migrates a --kms local directory to AWS KMS); data blocks are untouched.
+    Rewrap(RewrapArgs),
+}
+
+impl KeysOp {
+    /// The target options of the operation; `None` for `rewrap`, which has
+    /// options of its own ([`RewrapArgs`]).
+    pub fn target(&self) -> Option<&KeysTarget> {
+        Some(match self {
+            KeysOp::Status(t) | KeysOp::Rotate(t) => t,
+            KeysOp::Retire(a) => &a.target,
+            KeysOp::Sweep(s) => match &s.action {
+                SweepAction::Pause(t) | SweepAction::Resume(t) => t,
+            },
+            KeysOp::Rewrap(_) => return None,
+        })
+    }
+}
+
+/// `keys retire N`.
+#[derive(Debug, Clone, Args)]
+pub struct RetireArgs {
+    /// The key version to retire.
+    #[arg(value_name = "N")]
+    pub version: u32,
+    /// Where.
+    #[command(flatten)]
+    pub target: KeysTarget,
+}
+
+/// `keys sweep pause|resume`.
+#[derive(Debug, Clone, Args)]
+pub struct SweepArgs {
+    /// Pause or resume.
+    #[command(subcommand)]
+    pub action: SweepAction,
+}
+
+/// What to do with the sweep.
+#[derive(Debug, Clone, Subcommand)]
+pub enum SweepAction {
+    /// Pause the sweep (persisted across restarts).
+    Pause(KeysTarget),
+    /// Resume the sweep (offline: run it to the end now).
+    Resume(KeysTarget),
+}
+
+/// Which sidecar or data directory a `keys` command acts on.
+#[derive(Debug, Clone, Args)]
+pub struct KeysTarget {
+    /// Admin socket of the running sidecar
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "EAR_ADMIN_SOCKET",
+        conflicts_with = "data_dir"
+    )]
+    pub admin_socket: Option<PathBuf>,
+
+    /// Data directory, offline (no sidecar may be running on it)
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Print the result as JSON
+    #[arg(long)]
+    pub json: bool,
+
+    /// Offline: KEK file of the local provider [default: as for serve]
+    #[arg(long, value_name = "PATH", env = "EAR_LOCAL_KEK_FILE")]
+    pub local_kek_file: Option<PathBuf>,
+
+    /// Offline: AWS KMS endpoint URL [default: from the AWS configuration]
+    #[arg(long, value_name = "URL", env = "EAR_KMS_ENDPOINT")]
+    pub kms_endpoint: Option<String>,
+
+    /// Offline: AWS region [default: from the key ARN or the AWS configuration]
+    #[arg(long, value_name = "REGION", env = "EAR_KMS_REGION")]
+    pub kms_region: Option<String>,
 }

@@ -64,6 +64,12 @@ pub struct ConfigFile {
     pub log_level: Option<String>,
     /// `integrity`
     pub integrity: Option<BoolOrString>,
+    /// `rotate_every`
+    pub rotate_every: Option<String>,
+    /// `reencrypt_rate` (MiB/s)
+    pub reencrypt_rate: Option<u64>,
+    /// `retire_after_sweep`
+    pub retire_after_sweep: Option<BoolOrString>,
 }
 
 /// A TOML value that may be written as an integer or a string.

@@ -12,8 +12,8 @@ use super::*;
 
 /// A value with the layer it came from.
 pub(crate) struct Sourced<T> {
-    value: T,
-    origin: Origin,
+    pub(super) value: T,
+    pub(super) origin: Origin,
 }
 
 /// The environment and file layers.
@@ -36,7 +36,7 @@ impl Layers<'_> {
 
     /// Picks the highest layer that sets `option`, parsing env/file text with
     /// the given functions. Parse errors name the option and origin.
-    fn pick<T>(
+    pub(super) fn pick<T>(
         &self,
         option: &'static str,
         cli: Option<T>,
@@ -454,6 +454,7 @@ impl ServeConfig {
             log_level,
             integrity: integrity.value == OnOff::On,
             epoch_writes: args.epoch_writes,
+            rotation: resolve_rotation(&l, &args.rotation)?,
         })
     }
 }

@@ -30,12 +30,14 @@ mod cli;
 mod env;
 mod file;
 mod layers;
+mod rotation;
 #[cfg(test)]
 mod tests;
 
 pub use cli::*;
 pub use env::*;
 pub use file::*;
+pub use rotation::*;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -283,6 +285,8 @@ pub struct ServeConfig {
     pub integrity: bool,
     /// Test only: block writes per key epoch (`None`: the format's maximum).
     pub epoch_writes: Option<u64>,
+    /// Key rotation schedule and the re-encryption sweep.
+    pub rotation: RotationConfig,
 }
 
 /// Whether `path` lies inside `dir`, compared as absolute paths with `.` and

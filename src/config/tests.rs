@@ -204,6 +204,7 @@ fn defaults() {
             log_level: "info".into(),
             integrity: false,
             epoch_writes: None,
+            rotation: RotationConfig::default(),
         }
     );
     // The KEK default never lies in the data directory.

@@ -24,6 +24,20 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         kms_region: Option<String>,
     },
+    // ---- key rotation and retirement ----
+    /// Key versions, blocks per version and export, sweep progress.
+    KeysStatus,
+    /// Make a new universe-key version active; the sweep re-encrypts.
+    KeysRotate,
+    /// Remove a key version no block or header uses any more.
+    KeysRetire {
+        /// The version to retire.
+        version: u32,
+    },
+    /// Pause the re-encryption sweep (persisted).
+    KeysSweepPause,
+    /// Resume the re-encryption sweep.
+    KeysSweepResume,
 }
 
 impl Request {
@@ -33,6 +47,11 @@ impl Request {
             Request::Ping => "ping",
             Request::Status => "status",
             Request::KeysRewrap { .. } => "keys-rewrap",
+            Request::KeysStatus => "keys-status",
+            Request::KeysRotate => "keys-rotate",
+            Request::KeysRetire { .. } => "keys-retire",
+            Request::KeysSweepPause => "keys-sweep-pause",
+            Request::KeysSweepResume => "keys-sweep-resume",
         }
     }
 }

@@ -51,6 +51,8 @@ pub struct KeyRing {
     closed: AtomicBool,
     closed_reason: Mutex<String>,
     stats: CacheStats,
+    /// Unix time the active version was created (for metrics).
+    rotated_unix: AtomicU64,
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -83,6 +85,7 @@ impl KeyRing {
             closed: AtomicBool::new(false),
             closed_reason: Mutex::new(String::new()),
             stats: CacheStats::default(),
+            rotated_unix: AtomicU64::new(0),
         })
     }
 
@@ -128,6 +131,11 @@ impl KeyRing {
         if self.closed.load(Ordering::Acquire) {
             return Err(self.closed_error());
         }
+        // A version retired while this key was derived must not come back
+        // into the cache (retirement purges the cache before it returns).
+        if !self.is_loaded(version) {
+            return Err(CryptoError::UnknownVersion(version));
+        }
         if let Some((old_key, _)) = guard.push(id, Arc::clone(&keys)) {
             if old_key != id {
                 self.stats.evictions.fetch_add(1, Ordering::Relaxed);
@@ -170,6 +178,85 @@ impl KeyRing {
                 mine.get(v)
                     .is_some_and(|m| bool::from(m.expose()[..].ct_eq(&k.expose()[..])))
             })
+    }
+
+    fn is_loaded(&self, version: u32) -> bool {
+        self.universe
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&version)
+    }
+
+    /// Adds universe key `version` (a rotation), without changing the active
+    /// version. Refused after a wipe and for a version already loaded.
+    pub fn insert_version(&self, version: u32, key: SecretKey) -> Result<(), CryptoError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
+        }
+        let mut map = self.universe.write().unwrap_or_else(|p| p.into_inner());
+        if version == 0 || map.contains_key(&version) {
+            return Err(CryptoError::VersionConflict(version));
+        }
+        map.insert(version, Arc::new(key));
+        Ok(())
+    }
+
+    /// Makes `version` (already loaded) the one new writes use. A write that
+    /// reads the active version after this returns uses `version`.
+    pub fn set_active(&self, version: u32) -> Result<(), CryptoError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
+        }
+        let map = self.universe.read().unwrap_or_else(|p| p.into_inner());
+        if !map.contains_key(&version) {
+            return Err(CryptoError::UnknownVersion(version));
+        }
+        // Stored while the map is read-locked, so a concurrent removal of
+        // `version` cannot slip in between the check and the switch.
+        self.active.store(version, Ordering::Release);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.rotated_unix.store(now, Ordering::Release);
+        Ok(())
+    }
+
+    /// Unix time of the last rotation (the active version's creation), 0
+    /// when unknown.
+    pub fn rotated_unix(&self) -> u64 {
+        self.rotated_unix.load(Ordering::Acquire)
+    }
+
+    /// Records when the active version was created (from the registry).
+    pub fn set_rotated_unix(&self, unix: u64) {
+        self.rotated_unix.store(unix, Ordering::Release);
+    }
+
+    /// Drops universe key `version` and every file key derived from it
+    /// (retirement). The active version cannot be removed.
+    pub fn remove_version(&self, version: u32) -> Result<(), CryptoError> {
+        {
+            let mut map = self.universe.write().unwrap_or_else(|p| p.into_inner());
+            if version == self.active_version() {
+                return Err(CryptoError::VersionConflict(version));
+            }
+            if map.remove(&version).is_none() {
+                return Err(CryptoError::UnknownVersion(version));
+            }
+        }
+        for s in &self.shards {
+            let mut g = lock(s);
+            let stale: Vec<_> = g
+                .iter()
+                .filter(|(k, _)| k.1 == version)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in stale {
+                g.pop(&k);
+            }
+        }
+        Ok(())
     }
 
     /// Fail closed: drop every universe and derived key held here and refuse all
@@ -281,6 +368,45 @@ mod tests {
         assert!(!a.contains_keys_of(&ring(4)), "another key as version 1");
         assert!(both.contains_keys_of(&a), "a ring may hold more versions");
         assert!(!a.contains_keys_of(&both));
+    }
+
+    #[test]
+    fn rotate_and_retire_versions() {
+        let r = ring(64);
+        let f = [3u8; 16];
+        r.file_keys(&f, 1, 1).unwrap();
+        r.insert_version(2, SecretKey::generate().unwrap()).unwrap();
+        assert!(matches!(
+            r.insert_version(2, SecretKey::generate().unwrap()),
+            Err(CryptoError::VersionConflict(2))
+        ));
+        assert_eq!(r.active_version(), 1);
+        assert!(matches!(
+            r.set_active(3),
+            Err(CryptoError::UnknownVersion(3))
+        ));
+        r.set_active(2).unwrap();
+        assert_eq!(r.active_version(), 2);
+        assert!(matches!(
+            r.remove_version(2),
+            Err(CryptoError::VersionConflict(2))
+        ));
+        let k2 = r.file_keys(&f, 2, 1).unwrap();
+        r.remove_version(1).unwrap();
+        assert_eq!(r.snapshot().versions, vec![2]);
+        // Derived keys of the retired version are gone from the cache too.
+        assert!(matches!(
+            r.file_keys(&f, 1, 1),
+            Err(CryptoError::UnknownVersion(1))
+        ));
+        assert!(Arc::ptr_eq(&k2, &r.file_keys(&f, 2, 1).unwrap()));
+        for s in &r.shards {
+            assert!(lock(s).iter().all(|(k, _)| k.1 != 1));
+        }
+        assert!(matches!(
+            r.remove_version(1),
+            Err(CryptoError::UnknownVersion(1))
+        ));
     }
 
     #[test]

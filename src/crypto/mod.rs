@@ -45,6 +45,10 @@ pub enum CryptoError {
     /// No universe key of this version is loaded.
     #[error("universe key version {0} is not loaded")]
     UnknownVersion(u32),
+    /// A version that cannot be added (already loaded, or 0) or removed
+    /// (the active one).
+    #[error("universe key version {0} is already loaded or is the active version")]
+    VersionConflict(u32),
     /// Keys were wiped from memory (fail-closed after key revocation).
     #[error("keys are wiped from memory (fail-closed): {0}")]
     FailedClosed(String),

@@ -743,6 +743,96 @@ impl Registry {
     }
 }
 
+/// Key rotation and retirement: the registry side of the key lifecycle.
+/// The caller (the app's key operations) orders these against the key ring
+/// and the store: a new version is saved before any block uses it, and a
+/// version is removed only once no block or header uses it.
+impl Registry {
+    /// The version a rotation creates: one above every stored version.
+    pub fn next_version(&self) -> Result<u32, KeyError> {
+        self.versions
+            .iter()
+            .map(|v| v.version)
+            .max()
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or_else(|| KeyError::Registry {
+                path: self.path.display().to_string(),
+                msg: "all 2^32 key versions are used up".into(),
+            })
+    }
+
+    /// Rotates the universe key: has `provider` generate a new version
+    /// (local: a random key wrapped by the KEK; aws:
+    /// `GenerateDataKeyWithoutPlaintext` with the version in the
+    /// encryption context), unwraps it once to prove it works, makes it
+    /// the active version, reseals the registry (a MAC for the new version
+    /// under its own key, the others' under theirs from `ring`, which holds
+    /// every stored version) and saves it atomically. Returns the new version
+    /// and its key for the key ring; on any failure the registry (file and
+    /// value) is unchanged.
+    pub async fn rotate(
+        &mut self,
+        provider: &dyn KeyProvider,
+        ring: &KeyRing,
+    ) -> Result<(u32, SecretKey), KeyError> {
+        self.check_compatible(true, Some(provider))?;
+        let version = self.next_version()?;
+        let context = universe_key_context(&self.dir_id, version);
+        let wrapped = provider
+            .generate_wrapped(&context)
+            .await
+            .map_err(|e| with_version(e, version))?;
+        let key = provider
+            .unwrap(&wrapped, &context)
+            .await
+            .map_err(|e| with_version(e, version))?;
+        let mut next = self.clone();
+        next.versions.push(KeyVersion {
+            version,
+            wrapped,
+            context,
+            created_unix: now_unix(),
+        });
+        next.active_version = Some(version);
+        next.save_with_keys(ring, &[(version, &key)])?;
+        *self = next;
+        Ok((version, key))
+    }
+
+    /// Removes version `version`, its wrapped key and its MAC from the
+    /// registry, reseals the rest with `ring` and saves it atomically
+    /// (crypto-shredding once no copy of the old file remains). Refuses the
+    /// active version and a version not stored. The caller has made sure no
+    /// block or header uses it, and drops it from `ring` only afterwards.
+    pub fn retire(&mut self, version: u32, ring: &KeyRing) -> Result<(), KeyError> {
+        let err = |msg: String| KeyError::Registry {
+            path: self.path.display().to_string(),
+            msg,
+        };
+        if self.active_version == Some(version) {
+            return Err(err(format!(
+                "key version {version} is the active version; rotate first, then retire it"
+            )));
+        }
+        if !self.versions.iter().any(|v| v.version == version) {
+            return Err(err(format!(
+                "there is no key version {version} (stored: {})",
+                self.versions
+                    .iter()
+                    .map(|v| v.version.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let mut next = self.clone();
+        next.versions.retain(|v| v.version != version);
+        next.save(Some(ring))?;
+        *self = next;
+        Ok(())
+    }
+}
+
 /// `e` with "key version N: " before its message.
 pub(crate) fn with_version(e: KeyError, version: u32) -> KeyError {
     match e {
@@ -1259,6 +1349,86 @@ mod tests {
         let mut c = base.clone();
         c.active_version = None;
         assert_ne!(c.canonical_encoding(), base.canonical_encoding());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn rotate_then_retire() {
+        let keys = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let p = kek(keys.path(), "kek");
+        let mut reg = Registry::create(data.path(), true, Some(&p)).await.unwrap();
+        let ring = reg.unwrap_all(&p, 8).await.unwrap();
+        let (v, key) = reg.rotate(&p, &ring).await.unwrap();
+        assert_eq!(v, 2);
+        assert_eq!(reg.active_version(), Some(2));
+        let loaded = Registry::load(data.path()).unwrap().unwrap();
+        assert_eq!(loaded, reg);
+        assert_eq!(loaded.macs.len(), 2, "a MAC for the new version too");
+        let ctx = &loaded.key_versions()[1].context;
+        assert_eq!(ctx.get(CTX_KEY_VERSION).map(String::as_str), Some("2"));
+        // unwrap_all checks every version's MAC.
+        let ring = loaded.unwrap_all(&p, 8).await.unwrap();
+        assert_eq!(ring.snapshot().versions, vec![1, 2]);
+        assert_eq!(ring.active_version(), 2);
+        // The returned key is the one stored wrapped.
+        let f = [1u8; 16];
+        let mut direct = BTreeMap::new();
+        direct.insert(2, key);
+        let direct = KeyRing::new(direct, 2, 8).unwrap();
+        assert_eq!(
+            ring.file_keys(&f, 2, 1).unwrap().header_mac(&[0u8; 192]),
+            direct.file_keys(&f, 2, 1).unwrap().header_mac(&[0u8; 192])
+        );
+
+        let e = reg.retire(2, &ring).unwrap_err().to_string();
+        assert!(e.contains("is the active version"), "{e}");
+        let e = reg.retire(7, &ring).unwrap_err().to_string();
+        assert!(
+            e.contains("there is no key version 7 (stored: 1, 2)"),
+            "{e}"
+        );
+        reg.retire(1, &ring).unwrap();
+        let loaded = Registry::load(data.path()).unwrap().unwrap();
+        assert_eq!(loaded.versions().len(), 1);
+        assert_eq!(loaded.versions()[0].version, 2);
+        assert_eq!(loaded.macs.keys().copied().collect::<Vec<_>>(), vec![2]);
+        // The retired wrapped key is gone from the file, and what is left
+        // still verifies.
+        let text = std::fs::read_to_string(Registry::path_in(data.path())).unwrap();
+        assert!(!text.contains("\"version\": 1"), "{text}");
+        let ring = loaded.unwrap_all(&p, 8).await.unwrap();
+        assert_eq!(ring.snapshot().versions, vec![2]);
+        // The next rotation never reuses a number.
+        let (v, _) = reg.rotate(&p, &ring).await.unwrap();
+        assert_eq!(v, 3);
+        let loaded = Registry::load(data.path()).unwrap().unwrap();
+        assert_eq!(
+            loaded.unwrap_all(&p, 8).await.unwrap().snapshot().versions,
+            vec![2, 3]
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn failed_rotation_changes_nothing() {
+        let keys = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let p = kek(keys.path(), "kek");
+        let mut reg = Registry::create(data.path(), true, Some(&p)).await.unwrap();
+        let ring = reg.unwrap_all(&p, 8).await.unwrap();
+        let before = std::fs::read(Registry::path_in(data.path())).unwrap();
+        let other = kek(keys.path(), "other");
+        assert!(reg.rotate(&other, &ring).await.is_err());
+        assert!(reg.rotate(&OtherKind, &ring).await.is_err());
+        // A ring without the stored version cannot reseal the registry.
+        let stranger =
+            KeyRing::new(BTreeMap::from([(5, SecretKey::generate().unwrap())]), 5, 4).unwrap();
+        let e = reg.rotate(&p, &stranger).await.unwrap_err().to_string();
+        assert!(e.contains("cannot seal key version 1"), "{e}");
+        assert_eq!(reg.active_version(), Some(1));
+        assert_eq!(
+            std::fs::read(Registry::path_in(data.path())).unwrap(),
+            before
+        );
     }
 
     #[test]

@@ -127,6 +127,8 @@ pub struct Export {
     /// Blocks already logged as unrecoverable (bounded).
     pub(super) reported: Mutex<HashSet<u64>>,
     pub(super) stop_scrub: AtomicBool,
+    /// Blocks by key version (see [`super::versions`]).
+    pub(super) versions: super::versions::VersionCounts,
 }
 
 impl std::fmt::Debug for Export {
@@ -443,6 +445,7 @@ impl Export {
             counters: ExportCounters::default(),
             reported: Mutex::new(HashSet::new()),
             stop_scrub: AtomicBool::new(true),
+            versions: super::versions::VersionCounts::new(0),
         };
         export.check_len()?;
         Ok((export, problems))
@@ -498,11 +501,13 @@ impl Export {
             counters: ExportCounters::default(),
             reported: Mutex::new(HashSet::new()),
             stop_scrub: AtomicBool::new(false),
+            versions: super::versions::VersionCounts::new(0),
         };
         export.check_len()?;
         export.write_headers(&header)?;
         export.counters.epoch.store(header.epoch, Ordering::Relaxed);
         let groups = export.groups();
+        export.versions.set_total(groups);
         export
             .counters
             .scrub_groups_total
@@ -564,6 +569,26 @@ impl Export {
         Ok(())
     }
 
+    /// The key version whose header-MAC key signs the header on disk now.
+    pub fn header_key_version(&self) -> u32 {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .header_key_version
+    }
+
+    /// Re-signs both header slots under key `version` (loaded), so an older
+    /// version can be retired. Both slots are written and synced before
+    /// this returns.
+    pub fn move_header_key(&self, version: u32) -> Result<(), StoreError> {
+        if self.keys.is_none() || self.header_key_version() == version {
+            return Ok(());
+        }
+        self.update_header(|h| h.header_key_version = version)?;
+        tracing::info!(export = %self.name, version, "header re-signed under the active key version");
+        Ok(())
+    }
+
     /// Grows the export to `new_size` (never shrinks).
     pub(crate) fn grow(&mut self, new_size: u64) -> Result<(), StoreError> {
         if new_size < self.header.size {
@@ -589,6 +614,7 @@ impl Export {
         self.header.size = new_size;
         // New groups were never written: nothing there to scrub.
         let groups = self.groups();
+        self.versions.set_total(groups);
         let total = self
             .counters
             .scrub_groups_total

@@ -14,6 +14,8 @@ mod locks;
 pub mod scrub;
 mod slots;
 pub mod spec;
+pub mod sweep;
+pub mod versions;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -208,6 +210,7 @@ impl Store {
         let s = Self::open_no_scrub(data_dir, dir_id, keys, specs, opts)?;
         for e in s.exports.values() {
             scrub::spawn(e);
+            versions::spawn_census(e);
         }
         Ok(s)
     }
@@ -422,5 +425,7 @@ pub fn inspect(data_dir: &Path) -> Result<Vec<ExportInfo>, StoreError> {
 
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+mod sweep_tests;
 #[cfg(test)]
 mod tests;

@@ -12,6 +12,7 @@ use super::format::{
     self, Integrity, Kind, Resolution, Slot, BLOCK_SIZE, BLOCK_SIZE_U64, GROUP_BLOCKS, PAIR_SIZE,
     SLOT_SIZE,
 };
+use super::versions::{block_version, pair_version};
 use super::StoreError;
 use crate::crypto::{fill_random, BlockCipher, FileKeys, NONCE_LEN};
 
@@ -215,7 +216,7 @@ impl Export {
     }
 
     /// Decrypts a block whose data slot is valid.
-    fn decrypt(
+    pub(super) fn decrypt(
         &self,
         slot: &Slot,
         block: u64,
@@ -323,20 +324,18 @@ impl Export {
     /// generation. Clean blocks follow the pair alone; suspect blocks (an
     /// unclean shutdown the scrub has not passed) are resolved against
     /// their data first, so the valid slot is never overwritten.
-    fn targets(
-        &self,
-        b: u64,
-        pairs: &[u8],
-        kind: Kind,
-        st: &mut IoStats,
-    ) -> Result<Vec<(usize, u32)>, StoreError> {
+    /// Also returns the key version each block uses now (see
+    /// [`super::versions`]), for the per-version counts.
+    fn targets(&self, b: u64, pairs: &[u8], st: &mut IoStats) -> Result<Targets, StoreError> {
         let n = pairs.len() / PAIR_SIZE;
-        // A zero slot is valid whatever the data, so it needs no resolution.
-        if kind == Kind::Zero || self.is_clean(b) {
-            return Ok(pairs
-                .chunks_exact(PAIR_SIZE)
-                .map(|p| format::write_target(p, None))
-                .collect());
+        if self.is_clean(b) {
+            return Ok((
+                pairs
+                    .chunks_exact(PAIR_SIZE)
+                    .map(|p| format::write_target(p, None))
+                    .collect(),
+                pairs.chunks_exact(PAIR_SIZE).map(pair_version).collect(),
+            ));
         }
         let mut data = vec![0u8; n * BLOCK_SIZE];
         timed(&mut st.storage, || {
@@ -345,24 +344,32 @@ impl Export {
         .map_err(|source| self.io_err("read", source))?;
         let mut cache = KeyCache::default();
         let mut out = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
         for (i, (p, d)) in pairs
             .chunks_exact(PAIR_SIZE)
             .zip(data.chunks_exact(BLOCK_SIZE))
             .enumerate()
         {
-            let valid = match self.resolve_block(b + i as u64, p, d, &mut cache)? {
+            let r = self.resolve_block(b + i as u64, p, d, &mut cache)?;
+            versions.push(block_version(p, &r));
+            let valid = match r {
                 Resolution::Valid { index, .. } => Some(index),
                 _ => None,
             };
             out.push(format::write_target(p, Some(valid)));
         }
-        Ok(out)
+        Ok((out, versions))
     }
 
     /// Encrypts and writes whole blocks starting at `first`. Caller holds the
     /// range lock. Per segment: the new slots go into the slots that do not
     /// describe the current data, the pair table is written, then the data.
-    fn write_blocks(&self, first: u64, buf: &mut [u8], st: &mut IoStats) -> Result<(), StoreError> {
+    pub(super) fn write_blocks(
+        &self,
+        first: u64,
+        buf: &mut [u8],
+        st: &mut IoStats,
+    ) -> Result<(), StoreError> {
         let n = buf.len() / BLOCK_SIZE;
         let (version, counters, random) = match &self.keys {
             Some(ring) => {
@@ -385,7 +392,7 @@ impl Export {
                 self.io.read_full_at(&mut pairs, format::pair_offset(b))
             })
             .map_err(|source| self.io_err("read slots of", source))?;
-            let targets = self.targets(b, &pairs, Kind::Data, st)?;
+            let (targets, old_versions) = self.targets(b, &pairs, st)?;
             let old_pairs = pairs.clone();
             let t = Instant::now();
             for (i, (blk, pair)) in seg
@@ -438,12 +445,28 @@ impl Export {
                 // and not others. Keep the new slot where its block landed
                 // and put the old pair back where it did not, so every block
                 // reads old or new and no new slot is left stale.
-                let pairs = self.settle_after_failed_write(b, &pairs, &old_pairs, &targets);
-                if let Err(e) = self.io.write_all_at(&pairs, format::pair_offset(b)) {
+                let settled = self.settle_after_failed_write(b, &pairs, &old_pairs, &targets);
+                if let Err(e) = self.io.write_all_at(&settled, format::pair_offset(b)) {
                     tracing::warn!(export = %self.name, error = %e,
                         "cannot settle slots after a failed write; the next start scrubs them");
+                    self.versions.mark_inexact();
+                } else if self.versions.counted(b / GROUP_BLOCKS) {
+                    // Blocks that kept their new pair changed version.
+                    self.versions.apply(
+                        settled
+                            .chunks_exact(PAIR_SIZE)
+                            .zip(pairs.chunks_exact(PAIR_SIZE))
+                            .zip(&old_versions)
+                            .map(|((s, new), old)| {
+                                (*old, if s == new { Some(version) } else { *old })
+                            }),
+                    );
                 }
                 return Err(self.io_err("write", source));
+            }
+            if self.versions.counted(b / GROUP_BLOCKS) {
+                self.versions
+                    .apply(old_versions.iter().map(|old| (*old, Some(version))));
             }
             done += seg_n;
             b += seg_n as u64;
@@ -571,7 +594,7 @@ impl Export {
         if pairs.iter().all(|&x| x == 0) {
             return Ok(());
         }
-        let targets = self.targets(b, &pairs, Kind::Zero, st)?;
+        let (targets, old_versions) = self.targets(b, &pairs, st)?;
         for (i, pair) in pairs.chunks_exact_mut(PAIR_SIZE).enumerate() {
             if pair.iter().all(|&x| x == 0) {
                 continue;
@@ -583,7 +606,12 @@ impl Export {
         timed(&mut st.storage, || {
             self.io.write_all_at(&pairs, format::pair_offset(b))
         })
-        .map_err(|source| self.io_err("write slots of", source))
+        .map_err(|source| self.io_err("write slots of", source))?;
+        if self.versions.counted(b / GROUP_BLOCKS) {
+            self.versions
+                .apply(old_versions.iter().map(|old| (*old, None)));
+        }
+        Ok(())
     }
 
     /// NBD_CMD_FLUSH: everything written before is durable when this returns.
@@ -637,6 +665,10 @@ impl Export {
         Ok(runs)
     }
 }
+
+/// Per block of a segment: the slot a write targets with its generation,
+/// and the key version the block uses now.
+type Targets = (Vec<(usize, u32)>, Vec<Option<u32>>);
 
 /// The last keys looked up, so a segment derives (or locks the ring's cache)
 /// once per (version, epoch) instead of once per block.

@@ -306,7 +306,8 @@ def decrypt_export(data_dir, export, kek_file, out):
             return keys[(version, epoch)]
 
         seen = {"epochs": set(), "newest_in_slot": [0, 0], "zero_slots": 0,
-                "older_slot_used": 0, "torn_first": 0, "tags_verified": 0}
+                "older_slot_used": 0, "torn_first": 0, "tags_verified": 0,
+                "key_versions": set(), "header_key_version": h["key_version"]}
         remaining = size
         zero = bytes(BLOCK_SIZE)
         for g in range((blocks + GROUP_BLOCKS - 1) // GROUP_BLOCKS):
@@ -359,6 +360,7 @@ def decrypt_export(data_dir, export, kek_file, out):
                             plain = zero
                         elif encrypted:
                             seen["epochs"].add(s["epoch"])
+                            seen["key_versions"].add(s["key_version"])
                             data_key, _ = block_keys(s["key_version"], s["epoch"])
                             dec = Cipher(algorithms.AES(data_key),
                                          modes.CTR(s["nonce"] + b"\x00\x00\x00\x00")).decryptor()
@@ -371,6 +373,7 @@ def decrypt_export(data_dir, export, kek_file, out):
                 out.write(plain[:n])
                 remaining -= n
         seen["epochs"] = sorted(seen["epochs"])
+        seen["key_versions"] = sorted(seen["key_versions"])
         h["seen"] = seen
         if remaining != 0:
             raise FormatError("internal: %d bytes not produced" % remaining)

@@ -1,0 +1,733 @@
+//! Key rotation, the re-encryption sweep and key retirement, as operations
+//! ([`KeyOps`]) shared by the running sidecar (admin socket, `--rotate-every`,
+//! `--retire-after-sweep`) and the offline `ear-sidecar keys ... --data-dir`
+//! commands. [`KeyOps`] is the one writer of `keys.json` in a running
+//! sidecar: the online rewrap ([`super::keys_wrap`]) runs under its registry
+//! lock too, and every operation takes the master key from the shared
+//! [`WatchedKey`], which a rewrap moves to the new CMK.
+//!
+//! Ordering rules that keep every block readable:
+//! * **Rotate**: the new version is saved in `keys.json` (atomically) before
+//!   the key ring makes it active, so no block is ever written under a key
+//!   the registry does not hold.
+//! * **Retire**: every export is synced first; then no block (exact counts)
+//!   and no header may use the version; only then is its wrapped key removed
+//!   from `keys.json` and the key dropped from memory.
+//! * Both reseal the registry (one MAC per remaining version, each under its
+//!   own key) and move the revocation canary to the active version's blob.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+use super::report::Reporter;
+use crate::config::{KeysArgs, KeysOp, KeysTarget, KmsConfig, SweepAction};
+use crate::control::{ProgressUpdate, Request};
+use crate::crypto::KeyRing;
+use crate::keys::registry::Registry;
+use crate::keys::revocation::{Canary, WatchedKey};
+use crate::keys::rewrap::RewrapOutcome;
+use crate::store::sweep::{self, SweepFile, Sweeper};
+use crate::store::{self, Store};
+
+/// The key lifecycle of one data directory.
+pub struct KeyOps {
+    data_dir: PathBuf,
+    registry: tokio::sync::Mutex<Registry>,
+    master_key: Arc<WatchedKey>,
+    ring: Arc<KeyRing>,
+    store: Arc<Store>,
+    sweeper: Sweeper,
+}
+
+impl std::fmt::Debug for KeyOps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyOps")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What still uses a key version.
+struct Usage {
+    blocks: u64,
+    per_export: Vec<(String, u64)>,
+    headers: Vec<String>,
+}
+
+impl KeyOps {
+    /// Key operations over an open store; `registry` is the directory's
+    /// `keys.json` as loaded and sealed, `master_key` its master key (shared
+    /// with the revocation watcher), `sweeper` is running (serve, offline
+    /// rotate) or [`Sweeper::idle`].
+    pub fn new(
+        data_dir: &Path,
+        registry: Registry,
+        master_key: Arc<WatchedKey>,
+        ring: Arc<KeyRing>,
+        store: Arc<Store>,
+        sweeper: Sweeper,
+    ) -> Self {
+        let last = registry
+            .versions()
+            .iter()
+            .map(|v| v.created_unix)
+            .max()
+            .unwrap_or(0);
+        ring.set_rotated_unix(last);
+        KeyOps {
+            data_dir: data_dir.to_path_buf(),
+            registry: tokio::sync::Mutex::new(registry),
+            master_key,
+            ring,
+            store,
+            sweeper,
+        }
+    }
+
+    /// The sweeper.
+    pub fn sweeper(&self) -> &Sweeper {
+        &self.sweeper
+    }
+
+    /// The key ring.
+    pub fn ring(&self) -> &Arc<KeyRing> {
+        &self.ring
+    }
+
+    /// The master key and revocation canary.
+    pub fn master_key(&self) -> &Arc<WatchedKey> {
+        &self.master_key
+    }
+
+    /// Unix time of the newest key version.
+    pub fn last_rotation_unix(&self) -> u64 {
+        self.ring.rotated_unix()
+    }
+
+    /// Refuses to write over a `keys.json` that is not the one this process
+    /// loaded or last wrote (edited or replaced behind the running sidecar).
+    fn check_on_disk(&self, reg: &Registry) -> Result<(), String> {
+        match Registry::load(&self.data_dir) {
+            Ok(Some(disk)) if disk == *reg => Ok(()),
+            Ok(_) => Err(format!(
+                "{} changed on disk behind the running sidecar; nothing changed: restore the \
+                 file the sidecar wrote (or restart it to load the new one)",
+                reg.path().display()
+            )),
+            Err(e) => Err(format!("{e}; nothing changed")),
+        }
+    }
+
+    /// Creates a new universe-key version and makes it active: saved in the
+    /// registry first, then live in the key ring (no pause in I/O: writes
+    /// read the active version under their block lock). Wakes the sweep.
+    pub async fn rotate(&self) -> Result<Value, String> {
+        if self.ring.is_failed_closed() {
+            return Err("the keys are wiped (failed closed); restart with a usable master key before rotating".into());
+        }
+        let mut reg = self.registry.lock().await;
+        self.check_on_disk(&reg)
+            .map_err(|e| format!("rotation refused: {e}"))?;
+        let previous = reg.active_version().unwrap_or(0);
+        let provider = Arc::clone(&self.master_key.current().provider);
+        let (version, key) = reg
+            .rotate(provider.as_ref(), &self.ring)
+            .await
+            .map_err(|e| format!("rotation failed, nothing changed: {e}"))?;
+        self.ring.insert_version(version, key).map_err(|e| {
+            format!("key version {version} is saved in keys.json but could not be loaded ({e}); restart the sidecar")
+        })?;
+        self.ring
+            .set_active(version)
+            .map_err(|e| format!("cannot activate key version {version}: {e}"))?;
+        // The revocation check unwraps the new active version from now on.
+        self.master_key.set_canary(Canary::active_of(&reg));
+        drop(reg);
+        self.sweeper.kick();
+        tracing::info!(
+            version,
+            previous,
+            "universe key rotated: new writes use the new version; the sweep re-encrypts older blocks"
+        );
+        Ok(json!({
+            "rotated": true,
+            "active_version": version,
+            "previous_version": previous,
+            "versions_loaded": self.ring.snapshot().versions,
+        }))
+    }
+
+    /// Blocks and headers that still use `version`, per export, after every
+    /// export is synced. `Err` when the counts are not exact yet.
+    fn usage(&self, version: u32) -> Result<Usage, String> {
+        let mut blocks = 0;
+        let mut per_export = vec![];
+        let mut headers = vec![];
+        for e in self.store.exports() {
+            let snap = e.versions().snapshot();
+            if !snap.exact {
+                return Err(format!(
+                    "block counts of export {} are not exact yet (census {}/{} groups{}); try again shortly",
+                    e.name(),
+                    snap.census_done,
+                    snap.census_total,
+                    if snap.census_done >= snap.census_total {
+                        ", or an earlier write failed: restart the sidecar to recount"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            let n = snap.by_version.get(&version).copied().unwrap_or(0);
+            if n > 0 {
+                per_export.push((e.name().to_string(), n));
+                blocks += n;
+            }
+            if e.encrypted() && e.header_key_version() == version {
+                headers.push(e.name().to_string());
+            }
+        }
+        Ok(Usage {
+            blocks,
+            per_export,
+            headers,
+        })
+    }
+
+    /// Retires `version`: refused while any block or header uses it (with
+    /// the count), else removed from `keys.json` and from memory.
+    pub async fn retire(&self, version: u32) -> Result<Value, String> {
+        let mut reg = self.registry.lock().await;
+        if reg.active_version() == Some(version) {
+            return Err(format!(
+                "refusing to retire key version {version}: it is the active version (rotate first)"
+            ));
+        }
+        if !reg.versions().iter().any(|v| v.version == version) {
+            return Err(format!(
+                "refusing to retire key version {version}: there is no such version (stored: {})",
+                reg.versions()
+                    .iter()
+                    .map(|v| v.version.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        // What the sweep rewrote must be durable before the old key goes:
+        // after power loss a block must not fall back to the retired key.
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || store.flush_all())
+            .await
+            .map_err(|e| format!("flush before retiring: {e}"))?
+            .map_err(|e| format!("flush before retiring failed, nothing retired: {e}"))?;
+        let Usage {
+            blocks,
+            per_export,
+            headers,
+        } = self.usage(version)?;
+        if blocks > 0 || !headers.is_empty() {
+            let mut why =
+                format!("refusing to retire key version {version}: {blocks} block(s) still use it");
+            if !per_export.is_empty() {
+                why.push_str(&format!(
+                    " ({})",
+                    per_export
+                        .iter()
+                        .map(|(n, c)| format!("{n}: {c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            if !headers.is_empty() {
+                why.push_str(&format!(
+                    ", and the header of {} is signed with it",
+                    headers.join(", ")
+                ));
+            }
+            why.push_str(
+                "; wait for the re-encryption sweep to finish (`ear-sidecar keys status`)",
+            );
+            return Err(why);
+        }
+        self.check_on_disk(&reg)
+            .map_err(|e| format!("refusing to retire key version {version}: {e}"))?;
+        // Resealed with the ring, which still holds `version` until the file
+        // no longer names it.
+        reg.retire(version, &self.ring)
+            .map_err(|e| format!("retiring key version {version} failed, nothing changed: {e}"))?;
+        if let Err(e) = self.ring.remove_version(version) {
+            tracing::warn!(version, error = %e, "retired key version was not in memory");
+        }
+        // The canary must never be a retired version's blob.
+        self.master_key.set_canary(Canary::active_of(&reg));
+        tracing::info!(
+            version,
+            "key version retired: its wrapped key is removed from keys.json and from memory"
+        );
+        Ok(json!({
+            "retired": version,
+            "active_version": reg.active_version(),
+            "versions": reg.versions().iter().map(|v| v.version).collect::<Vec<_>>(),
+        }))
+    }
+
+    /// Retires every non-active version that nothing uses (after a sweep,
+    /// with `--retire-after-sweep`). Returns the versions retired.
+    pub async fn retire_unused(&self) -> Vec<u32> {
+        let candidates: Vec<u32> = {
+            let reg = self.registry.lock().await;
+            reg.versions()
+                .iter()
+                .map(|v| v.version)
+                .filter(|v| Some(*v) != reg.active_version())
+                .collect()
+        };
+        let mut out = vec![];
+        for v in candidates {
+            match self.usage(v) {
+                Ok(u) if u.blocks == 0 && u.headers.is_empty() => {}
+                _ => continue,
+            }
+            match self.retire(v).await {
+                Ok(_) => out.push(v),
+                Err(e) => tracing::debug!(version = v, reason = %e, "not retired yet"),
+            }
+        }
+        out
+    }
+
+    /// Rewraps every key version under the CMK of `target` (online `keys
+    /// rewrap`), under the registry lock that rotation and retirement take,
+    /// and points the master key and canary at the new CMK.
+    pub async fn rewrap(
+        &self,
+        target: &KmsConfig,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<RewrapOutcome> {
+        let mut reg = self.registry.lock().await;
+        self.check_on_disk(&reg).map_err(|e| anyhow!(e))?;
+        super::keys_wrap::rewrap_running(&mut reg, &self.master_key, &self.ring, target, progress)
+            .await
+    }
+
+    /// Pauses the sweep (recorded in `sweep.json`).
+    pub fn pause(&self) -> Result<Value, String> {
+        self.sweeper
+            .pause()
+            .map_err(|e| format!("sweep paused, but the pause could not be saved: {e}"))?;
+        Ok(json!({ "sweep": "paused" }))
+    }
+
+    /// Resumes the sweep.
+    pub fn resume(&self) -> Result<Value, String> {
+        self.sweeper
+            .resume()
+            .map_err(|e| format!("sweep resumed, but this could not be saved: {e}"))?;
+        Ok(json!({ "sweep": "resumed" }))
+    }
+
+    /// Everything `keys status` shows (no secrets).
+    pub async fn status(&self) -> Value {
+        let reg = self.registry.lock().await;
+        let snap = self.ring.snapshot();
+        let exports: Vec<Arc<store::Export>> = self.store.exports().cloned().collect();
+        let mut total: std::collections::BTreeMap<u32, u64> = Default::default();
+        let mut exact = true;
+        let ex: Vec<Value> = exports
+            .iter()
+            .map(|e| {
+                let c = e.versions().snapshot();
+                exact &= c.exact;
+                for (v, n) in &c.by_version {
+                    *total.entry(*v).or_default() += n;
+                }
+                json!({
+                    "name": e.name(),
+                    "blocks_by_version": c.by_version,
+                    "header_key_version": e.header_key_version(),
+                    "counts_exact": c.exact,
+                    "census_done": c.census_done,
+                    "census_total": c.census_total,
+                })
+            })
+            .collect();
+        let versions: Vec<Value> = reg
+            .versions()
+            .iter()
+            .map(|v| {
+                json!({
+                    "version": v.version,
+                    "created_unix": v.created_unix,
+                    "active": Some(v.version) == reg.active_version(),
+                    "blocks": total.get(&v.version).copied().unwrap_or(0),
+                })
+            })
+            .collect();
+        json!({
+            "data_dir": self.data_dir.display().to_string(),
+            "provider": reg.provider(),
+            "active_version": reg.active_version(),
+            "versions": versions,
+            "versions_loaded": snap.versions,
+            "last_rotation_unix": self.last_rotation_unix(),
+            "counts_exact": exact,
+            "exports": ex,
+            "sweep": self.sweeper.status(),
+        })
+    }
+
+    /// Runs the control request `req` (a key-lifecycle one).
+    pub async fn handle(&self, req: &Request) -> Option<Result<Value, String>> {
+        Some(match req {
+            Request::KeysStatus => Ok(self.status().await),
+            Request::KeysRotate => self.rotate().await,
+            Request::KeysRetire { version } => self.retire(*version).await,
+            Request::KeysSweepPause => self.pause(),
+            Request::KeysSweepResume => self.resume(),
+            _ => return None,
+        })
+    }
+
+    /// Spawns `--rotate-every` and `--retire-after-sweep` for the running
+    /// sidecar; both end when `shutdown` resolves.
+    pub fn spawn_schedules(
+        self: &Arc<Self>,
+        rotate_every: Option<Duration>,
+        retire_after_sweep: bool,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        if let Some(every) = rotate_every {
+            let ops = Arc::clone(self);
+            let mut stop = shutdown.clone();
+            tracing::info!(
+                every_secs = every.as_secs_f64(),
+                "scheduled key rotation on"
+            );
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.changed() => return,
+                    }
+                    if let Err(e) = ops.rotate().await {
+                        tracing::error!(error = %e, "scheduled key rotation failed; retrying at the next period");
+                    }
+                }
+            });
+        }
+        if retire_after_sweep {
+            let ops = Arc::clone(self);
+            let mut stop = shutdown;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.changed() => return,
+                    }
+                    // Counts only fall for a non-active version (writes and the
+                    // sweep use the active one), so a version whose count is 0
+                    // can go even while a sweep toward a newer one still runs.
+                    if ops.ring.snapshot().versions.len() > 1 {
+                        for v in ops.retire_unused().await {
+                            tracing::info!(
+                                version = v,
+                                "retired automatically after the sweep (--retire-after-sweep)"
+                            );
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+// ---- the `keys` command ------------------------------------------------------
+
+/// `ear-sidecar keys ...`: exit 0 on success, 1 when refused or failed, 2
+/// when the command could not run (bad options).
+pub fn run(args: &KeysArgs) -> ExitCode {
+    // `rewrap` has options and a flow of its own.
+    if let KeysOp::Rewrap(a) = &args.op {
+        return super::keys_wrap::run(a);
+    }
+    let Some(target) = args.op.target() else {
+        return ExitCode::from(2);
+    };
+    super::init_logging("warn", crate::config::LogFormat::Text);
+    let rep = Reporter::new(target.json);
+    let r = match (&target.admin_socket, &target.data_dir) {
+        (Some(sock), _) => online(sock, &args.op, &rep),
+        (None, Some(dir)) => offline(dir, target, &args.op, &rep),
+        (None, None) => {
+            eprintln!("ear-sidecar: keys: pass --admin-socket PATH (a running sidecar) or --data-dir DIR (offline, no sidecar running)");
+            return ExitCode::from(2);
+        }
+    };
+    match r {
+        Ok((line, v)) => {
+            rep.finish(&line, &v);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            rep.abandon();
+            eprintln!("ear-sidecar: keys: {}", super::one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn request_of(op: &KeysOp) -> Request {
+    match op {
+        KeysOp::Status(_) => Request::KeysStatus,
+        KeysOp::Rotate(_) => Request::KeysRotate,
+        KeysOp::Retire(a) => Request::KeysRetire { version: a.version },
+        KeysOp::Sweep(s) => match s.action {
+            SweepAction::Pause(_) => Request::KeysSweepPause,
+            SweepAction::Resume(_) => Request::KeysSweepResume,
+        },
+        KeysOp::Rewrap(a) => Request::KeysRewrap {
+            kms_key_id: a.kms_key_id.clone(),
+            kms_endpoint: a.kms_endpoint.clone(),
+            kms_region: a.kms_region.clone(),
+        },
+    }
+}
+
+fn online(sock: &Path, op: &KeysOp, rep: &Reporter) -> Result<(String, Value)> {
+    let req = request_of(op);
+    let v = super::runtime()?.block_on(crate::control::client::call(sock, &req, |p| {
+        rep.progress(p)
+    }))?;
+    Ok((summary(op, &v), v))
+}
+
+/// The one-line human result of `op`.
+fn summary(op: &KeysOp, v: &Value) -> String {
+    match op {
+        KeysOp::Status(_) => status_line(v),
+        KeysOp::Rotate(_) => {
+            let mut s = format!(
+                "rotated: key version {} is active (was {})",
+                v["active_version"], v["previous_version"]
+            );
+            if let Some(n) = v.get("rewritten_blocks") {
+                s.push_str(&format!("; {n} block(s) re-encrypted"));
+            } else {
+                s.push_str("; the background sweep re-encrypts older blocks");
+            }
+            s
+        }
+        KeysOp::Retire(a) => format!(
+            "retired key version {}: its wrapped key is removed from keys.json (versions left: {})",
+            a.version, v["versions"]
+        ),
+        KeysOp::Sweep(s) => match s.action {
+            SweepAction::Pause(_) => "re-encryption sweep paused".into(),
+            SweepAction::Resume(_) => match v.get("rewritten_blocks") {
+                Some(n) => format!("re-encryption sweep finished: {n} block(s) re-encrypted"),
+                None => "re-encryption sweep resumed".into(),
+            },
+        },
+        KeysOp::Rewrap(_) => v["summary"].as_str().unwrap_or_default().to_string(),
+    }
+}
+
+fn status_line(v: &Value) -> String {
+    let versions: Vec<String> = v["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| {
+            format!(
+                "v{}{}: {} blocks",
+                x["version"],
+                if x["active"] == true { " (active)" } else { "" },
+                x["blocks"]
+            )
+        })
+        .collect();
+    let sw = &v["sweep"];
+    let mut s = format!(
+        "keys: {}; sweep {}",
+        versions.join(", "),
+        sw["state"].as_str().unwrap_or("?")
+    );
+    if sw["state"] == "running" {
+        s.push_str(&format!(
+            " {:.1} % ({} blocks left, {:.1} MiB/s, eta {:.0} s)",
+            sw["progress"].as_f64().unwrap_or(0.0) * 100.0,
+            sw["remaining_blocks"],
+            sw["rate_bytes_per_sec"].as_f64().unwrap_or(0.0) / 1048576.0,
+            sw["eta_seconds"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    if v["counts_exact"] != true {
+        s.push_str("; block counts still being computed");
+    }
+    s
+}
+
+/// Offline: under the directory lock, with the store opened here.
+fn offline(dir: &Path, t: &KeysTarget, op: &KeysOp, rep: &Reporter) -> Result<(String, Value)> {
+    if !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    let _lock = super::lock_data_dir(dir).map_err(|e| {
+        if e.to_string().contains("in use") {
+            anyhow!(
+                "data directory {} is in use by a running ear-sidecar: use --admin-socket PATH to steer it",
+                dir.display()
+            )
+        } else {
+            e
+        }
+    })?;
+    if let KeysOp::Sweep(s) = op {
+        if let SweepAction::Pause(_) = s.action {
+            SweepFile::set_paused(dir, true)?;
+            let v = json!({ "sweep": "paused" });
+            return Ok((summary(op, &v), v));
+        }
+    }
+    let reg = Registry::load(dir)?.ok_or_else(|| {
+        anyhow!(
+            "{} is not an initialised ear-sidecar data directory (no keys.json)",
+            dir.display()
+        )
+    })?;
+    if !reg.encryption_on() {
+        bail!(
+            "data directory {} is not encrypted: it has no universe keys to rotate or retire",
+            dir.display()
+        );
+    }
+    let dir_id: [u8; 16] = hex::decode(reg.dir_id())
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| anyhow!("key registry has a malformed dir_id"))?;
+    let rt = super::runtime()?;
+    rt.block_on(async {
+        let provider = super::registry_provider(
+            &reg,
+            t.local_kek_file.clone(),
+            &t.kms_endpoint,
+            &t.kms_region,
+        )
+        .await?;
+        let ring = Arc::new(
+            reg.unwrap_all(provider.as_ref(), 1024)
+                .await
+                .context("unwrap the universe keys")?,
+        );
+        let store = Arc::new(
+            tokio::task::block_in_place(|| {
+                Store::open_opts(
+                    dir,
+                    dir_id,
+                    Some(Arc::clone(&ring)),
+                    &[],
+                    Default::default(),
+                )
+            })
+            .context("open exports")?,
+        );
+        let sweeps = matches!(op, KeysOp::Rotate(_) | KeysOp::Sweep(_));
+        if sweeps {
+            SweepFile::set_paused(dir, false)?;
+        }
+        let sweeper = if sweeps {
+            Sweeper::start(&store, Arc::clone(&ring), dir, 0)
+        } else {
+            Sweeper::idle(dir)
+        };
+        let master_key = Arc::new(WatchedKey::new(provider, Canary::active_of(&reg)));
+        let ops = KeyOps::new(
+            dir,
+            reg,
+            master_key,
+            ring,
+            Arc::clone(&store),
+            sweeper.clone(),
+        );
+        wait_census(&store, rep).await;
+        let result = match op {
+            KeysOp::Status(_) => Ok(ops.status().await),
+            KeysOp::Rotate(_) => match ops.rotate().await {
+                Ok(mut v) => {
+                    let n = sweep_to_end(&ops, rep).await;
+                    v["rewritten_blocks"] = json!(n);
+                    Ok(v)
+                }
+                Err(e) => Err(e),
+            },
+            KeysOp::Retire(a) => ops.retire(a.version).await,
+            KeysOp::Sweep(_) => {
+                let n = sweep_to_end(&ops, rep).await;
+                Ok(json!({ "sweep": "done", "rewritten_blocks": n }))
+            }
+            KeysOp::Rewrap(_) => Err("keys rewrap runs on its own (app::keys_wrap)".into()),
+        };
+        sweeper.stop();
+        tokio::task::block_in_place(|| store.close()).context("close exports")?;
+        let v = result.map_err(|e| anyhow!(e))?;
+        Ok((summary(op, &v), v))
+    })
+}
+
+async fn wait_census(store: &Store, rep: &Reporter) {
+    loop {
+        let (done, total) = store.exports().fold((0, 0), |(d, t), e| {
+            let s = e.versions().snapshot();
+            (d + s.census_done, t + s.census_total)
+        });
+        if done >= total {
+            return;
+        }
+        rep.progress(&ProgressUpdate {
+            done,
+            total,
+            unit: "groups".into(),
+            message: "counting blocks".into(),
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for the sweeper to finish, drawing progress. Returns the blocks
+/// it re-encrypted.
+async fn sweep_to_end(ops: &KeyOps, rep: &Reporter) -> u64 {
+    let sw = ops.sweeper();
+    let start = sw.passes();
+    loop {
+        let st = sw.status();
+        rep.progress(&ProgressUpdate {
+            done: st.rewritten_blocks,
+            total: st.rewritten_blocks + st.remaining_blocks,
+            unit: "blocks".into(),
+            message: "re-encrypting".into(),
+        });
+        let exports: Vec<_> = ops.store.exports().cloned().collect();
+        let (left, exact) = sweep::remaining(&exports, ops.ring.active_version());
+        let headers_done = exports
+            .iter()
+            .all(|e| !e.encrypted() || e.header_key_version() == ops.ring.active_version());
+        if exact
+            && headers_done
+            && (left == 0 || (sw.passes() > start && left <= st.damaged_blocks))
+        {
+            return sw.rewritten();
+        }
+        if st.state == "stalled" {
+            tracing::warn!(error = ?st.error, "sweep stalled; retrying");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
