@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::Parser;
 
 use ear_sidecar::app::{self, commands, App};
-use ear_sidecar::config::{Cli, Command, ServeConfig};
+use ear_sidecar::config::{Cli, Command, KeysCommand, ServeConfig};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -23,7 +23,8 @@ fn main() -> ExitCode {
         Command::Status(args) => commands::status(&args),
         Command::ValidateKey(args) => return commands::validate_key(&args),
         Command::Check(args) => return app::check::run(&args),
-        Command::Keys(args) => return app::keys::run(&args),
+        Command::Keys(KeysCommand::Rewrap(args)) => return app::keys_wrap::run(&args),
+        Command::Keys(other) => return app::keys::run(&other),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

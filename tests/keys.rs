@@ -340,6 +340,17 @@ fn retire_refused_with_a_count_then_offline_sweep_rotate_and_retire() {
     assert_eq!(v["sweep"]["state"], "paused", "{v:#}");
     assert_eq!(v["versions"][0]["blocks"], 256, "{v:#}");
 
+    // `status` shows the rotation state too.
+    let admin = sc.admin_socket();
+    let out = sc.run_cli(&["status", "--admin-socket", admin.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.both());
+    assert!(
+        out.stdout
+            .contains("key rotation   : blocks by version {\"1\":256}")
+            && out.stdout.contains("sweep paused"),
+        "{}",
+        out.stdout
+    );
     // The metrics say the same, and pass promtool.
     let text = scrape(sc.metrics_addr());
     for line in [

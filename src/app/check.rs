@@ -33,7 +33,7 @@ async fn unwrap_keys(args: &CheckArgs, reg: &Registry) -> Result<Option<Arc<KeyR
     if !reg.encryption_on() {
         return Ok(None);
     }
-    let provider = super::registry_provider(
+    let provider = super::keys_wrap::registry_provider(
         reg,
         args.local_kek_file.clone(),
         &args.kms_endpoint,

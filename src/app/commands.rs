@@ -160,6 +160,25 @@ fn live_status(sock: &std::path::Path, json: bool) -> Result<()> {
             }
         );
     }
+    if let Some(r) = v.get("key_rotation").filter(|r| !r.is_null()) {
+        let sw = &r["sweep"];
+        println!(
+            "key rotation   : blocks by version {}{}, last rotation {} (unix), sweep {} {:.0} %{}",
+            r["blocks_by_version"],
+            if r["counts_exact"] == true {
+                ""
+            } else {
+                " (counting)"
+            },
+            r["last_rotation_unix"],
+            sw["state"].as_str().unwrap_or("?"),
+            sw["progress"].as_f64().unwrap_or(0.0) * 100.0,
+            match sw["eta_seconds"].as_f64() {
+                Some(eta) if sw["state"] == "running" => format!(", eta {eta:.0} s"),
+                _ => String::new(),
+            }
+        );
+    }
     for e in v["exports"].as_array().into_iter().flatten() {
         println!(
             "export         : {} ({} bytes){}",

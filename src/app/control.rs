@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use crate::control::{Handler, Progress, Request};
 use crate::crypto::KeyRing;
+use crate::keys::revocation::WatchedKey;
 use crate::store::Store;
 
 /// What control requests act on: the running sidecar's state.
@@ -21,12 +22,16 @@ pub struct ControlPlane {
     pub store: Arc<Store>,
     /// Universe keys (`None` when encryption is off).
     pub keys: Option<Arc<KeyRing>>,
+    /// Key rotation, sweep and retirement (`None` when encryption is off).
+    pub key_ops: Option<Arc<super::keys::KeyOps>>,
+    /// The directory's current master key (provider) and revocation canary;
+    /// a rewrap replaces both (`None` when encryption is off).
+    pub master_key: Option<Arc<WatchedKey>>,
     /// The sidecar's `--kms-endpoint`, the default for a rewrap's new CMK.
     pub kms_endpoint: Option<String>,
-    /// Key rotation, sweep, retirement and rewrap: the one writer of
-    /// `keys.json`, holding the master key and canary (`None` when encryption
-    /// is off).
-    pub key_ops: Option<Arc<super::keys::KeyOps>>,
+    /// Held by every operation that writes `keys.json`, so writers never
+    /// interleave.
+    pub registry_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -46,6 +51,11 @@ impl Handler for ControlPlane {
                 "pid": std::process::id(),
             })),
             Request::Status => Ok(self.status()),
+            Request::KeysStatus
+            | Request::KeysRotate
+            | Request::KeysRetire { .. }
+            | Request::KeysSweepPause
+            | Request::KeysSweepResume => self.key_lifecycle(&req).await,
             Request::KeysRewrap {
                 kms_key_id,
                 kms_endpoint,
@@ -60,11 +70,6 @@ impl Handler for ControlPlane {
                 )
                 .await
             }
-            Request::KeysStatus
-            | Request::KeysRotate
-            | Request::KeysRetire { .. }
-            | Request::KeysSweepPause
-            | Request::KeysSweepResume => self.key_lifecycle(&req).await,
         }
     }
 }
@@ -108,6 +113,7 @@ impl ControlPlane {
             "pid": std::process::id(),
             "encryption": if self.keys.is_some() { "on" } else { "off" },
             "keys": keys,
+            "key_rotation": self.key_ops.as_ref().map(|k| k.summary()),
             "exports": exports,
         })
     }

@@ -1,10 +1,7 @@
 //! Key rotation, the re-encryption sweep and key retirement, as operations
 //! ([`KeyOps`]) shared by the running sidecar (admin socket, `--rotate-every`,
 //! `--retire-after-sweep`) and the offline `ear-sidecar keys ... --data-dir`
-//! commands. [`KeyOps`] is the one writer of `keys.json` in a running
-//! sidecar: the online rewrap ([`super::keys_wrap`]) runs under its registry
-//! lock too, and every operation takes the master key from the shared
-//! [`WatchedKey`], which a rewrap moves to the new CMK.
+//! commands.
 //!
 //! Ordering rules that keep every block readable:
 //! * **Rotate**: the new version is saved in `keys.json` (atomically) before
@@ -13,8 +10,6 @@
 //! * **Retire**: every export is synced first; then no block (exact counts)
 //!   and no header may use the version; only then is its wrapped key removed
 //!   from `keys.json` and the key dropped from memory.
-//! * Both reseal the registry (one MAC per remaining version, each under its
-//!   own key) and move the revocation canary to the active version's blob.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -25,20 +20,23 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::report::Reporter;
-use crate::config::{KeysArgs, KeysOp, KeysTarget, KmsConfig, SweepAction};
+use crate::config::{KeysCommand, KeysTarget, SweepAction};
 use crate::control::{ProgressUpdate, Request};
 use crate::crypto::KeyRing;
 use crate::keys::registry::Registry;
 use crate::keys::revocation::{Canary, WatchedKey};
-use crate::keys::rewrap::RewrapOutcome;
 use crate::store::sweep::{self, SweepFile, Sweeper};
 use crate::store::{self, Store};
 
 /// The key lifecycle of one data directory.
 pub struct KeyOps {
     data_dir: PathBuf,
-    registry: tokio::sync::Mutex<Registry>,
-    master_key: Arc<WatchedKey>,
+    /// Held by every writer of `keys.json` (also `keys rewrap`); the
+    /// registry is read from disk under it, so writers never undo each
+    /// other.
+    registry_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The current master key (a rewrap replaces it) and revocation canary.
+    master: Arc<WatchedKey>,
     ring: Arc<KeyRing>,
     store: Arc<Store>,
     sweeper: Sweeper,
@@ -60,14 +58,13 @@ struct Usage {
 }
 
 impl KeyOps {
-    /// Key operations over an open store; `registry` is the directory's
-    /// `keys.json` as loaded and sealed, `master_key` its master key (shared
-    /// with the revocation watcher), `sweeper` is running (serve, offline
-    /// rotate) or [`Sweeper::idle`].
+    /// Key operations over an open store; `sweeper` is running (serve,
+    /// offline rotate) or [`Sweeper::idle`].
     pub fn new(
         data_dir: &Path,
-        registry: Registry,
-        master_key: Arc<WatchedKey>,
+        registry: &Registry,
+        registry_lock: Arc<tokio::sync::Mutex<()>>,
+        master: Arc<WatchedKey>,
         ring: Arc<KeyRing>,
         store: Arc<Store>,
         sweeper: Sweeper,
@@ -81,8 +78,8 @@ impl KeyOps {
         ring.set_rotated_unix(last);
         KeyOps {
             data_dir: data_dir.to_path_buf(),
-            registry: tokio::sync::Mutex::new(registry),
-            master_key,
+            registry_lock,
+            master,
             ring,
             store,
             sweeper,
@@ -99,28 +96,9 @@ impl KeyOps {
         &self.ring
     }
 
-    /// The master key and revocation canary.
-    pub fn master_key(&self) -> &Arc<WatchedKey> {
-        &self.master_key
-    }
-
     /// Unix time of the newest key version.
     pub fn last_rotation_unix(&self) -> u64 {
         self.ring.rotated_unix()
-    }
-
-    /// Refuses to write over a `keys.json` that is not the one this process
-    /// loaded or last wrote (edited or replaced behind the running sidecar).
-    fn check_on_disk(&self, reg: &Registry) -> Result<(), String> {
-        match Registry::load(&self.data_dir) {
-            Ok(Some(disk)) if disk == *reg => Ok(()),
-            Ok(_) => Err(format!(
-                "{} changed on disk behind the running sidecar; nothing changed: restore the \
-                 file the sidecar wrote (or restart it to load the new one)",
-                reg.path().display()
-            )),
-            Err(e) => Err(format!("{e}; nothing changed")),
-        }
     }
 
     /// Creates a new universe-key version and makes it active: saved in the
@@ -130,11 +108,10 @@ impl KeyOps {
         if self.ring.is_failed_closed() {
             return Err("the keys are wiped (failed closed); restart with a usable master key before rotating".into());
         }
-        let mut reg = self.registry.lock().await;
-        self.check_on_disk(&reg)
-            .map_err(|e| format!("rotation refused: {e}"))?;
+        let _writer = self.registry_lock.lock().await;
+        let mut reg = self.load_registry()?;
         let previous = reg.active_version().unwrap_or(0);
-        let provider = Arc::clone(&self.master_key.current().provider);
+        let provider = Arc::clone(&self.master.current().provider);
         let (version, key) = reg
             .rotate(provider.as_ref(), &self.ring)
             .await
@@ -145,9 +122,9 @@ impl KeyOps {
         self.ring
             .set_active(version)
             .map_err(|e| format!("cannot activate key version {version}: {e}"))?;
-        // The revocation check unwraps the new active version from now on.
-        self.master_key.set_canary(Canary::active_of(&reg));
-        drop(reg);
+        // The revocation check's canary is the active version's wrapped key.
+        self.master.set_canary(Canary::active_of(&reg));
+        drop(_writer);
         self.sweeper.kick();
         tracing::info!(
             version,
@@ -160,6 +137,16 @@ impl KeyOps {
             "previous_version": previous,
             "versions_loaded": self.ring.snapshot().versions,
         }))
+    }
+
+    /// `keys.json` as on disk, checked against the keys in memory (it must
+    /// still be the file these keys sealed). Call under `registry_lock`.
+    fn load_registry(&self) -> Result<Registry, String> {
+        let reg = Registry::load(&self.data_dir)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{} has no keys.json", self.data_dir.display()))?;
+        reg.verify_seal(&self.ring).map_err(|e| e.to_string())?;
+        Ok(reg)
     }
 
     /// Blocks and headers that still use `version`, per export, after every
@@ -202,7 +189,8 @@ impl KeyOps {
     /// Retires `version`: refused while any block or header uses it (with
     /// the count), else removed from `keys.json` and from memory.
     pub async fn retire(&self, version: u32) -> Result<Value, String> {
-        let mut reg = self.registry.lock().await;
+        let _writer = self.registry_lock.lock().await;
+        let mut reg = self.load_registry()?;
         if reg.active_version() == Some(version) {
             return Err(format!(
                 "refusing to retire key version {version}: it is the active version (rotate first)"
@@ -254,17 +242,12 @@ impl KeyOps {
             );
             return Err(why);
         }
-        self.check_on_disk(&reg)
-            .map_err(|e| format!("refusing to retire key version {version}: {e}"))?;
-        // Resealed with the ring, which still holds `version` until the file
-        // no longer names it.
         reg.retire(version, &self.ring)
             .map_err(|e| format!("retiring key version {version} failed, nothing changed: {e}"))?;
         if let Err(e) = self.ring.remove_version(version) {
             tracing::warn!(version, error = %e, "retired key version was not in memory");
         }
-        // The canary must never be a retired version's blob.
-        self.master_key.set_canary(Canary::active_of(&reg));
+        self.master.set_canary(Canary::active_of(&reg));
         tracing::info!(
             version,
             "key version retired: its wrapped key is removed from keys.json and from memory"
@@ -279,14 +262,13 @@ impl KeyOps {
     /// Retires every non-active version that nothing uses (after a sweep,
     /// with `--retire-after-sweep`). Returns the versions retired.
     pub async fn retire_unused(&self) -> Vec<u32> {
-        let candidates: Vec<u32> = {
-            let reg = self.registry.lock().await;
-            reg.versions()
-                .iter()
-                .map(|v| v.version)
-                .filter(|v| Some(*v) != reg.active_version())
-                .collect()
-        };
+        let snap = self.ring.snapshot();
+        let candidates: Vec<u32> = snap
+            .versions
+            .iter()
+            .copied()
+            .filter(|v| *v != snap.active)
+            .collect();
         let mut out = vec![];
         for v in candidates {
             match self.usage(v) {
@@ -299,20 +281,6 @@ impl KeyOps {
             }
         }
         out
-    }
-
-    /// Rewraps every key version under the CMK of `target` (online `keys
-    /// rewrap`), under the registry lock that rotation and retirement take,
-    /// and points the master key and canary at the new CMK.
-    pub async fn rewrap(
-        &self,
-        target: &KmsConfig,
-        progress: impl FnMut(u64, u64),
-    ) -> Result<RewrapOutcome> {
-        let mut reg = self.registry.lock().await;
-        self.check_on_disk(&reg).map_err(|e| anyhow!(e))?;
-        super::keys_wrap::rewrap_running(&mut reg, &self.master_key, &self.ring, target, progress)
-            .await
     }
 
     /// Pauses the sweep (recorded in `sweep.json`).
@@ -333,7 +301,14 @@ impl KeyOps {
 
     /// Everything `keys status` shows (no secrets).
     pub async fn status(&self) -> Value {
-        let reg = self.registry.lock().await;
+        let reg = {
+            let _writer = self.registry_lock.lock().await;
+            match Registry::load(&self.data_dir) {
+                Ok(Some(r)) => r,
+                Ok(None) => return json!({ "error": "keys.json is missing" }),
+                Err(e) => return json!({ "error": e.to_string() }),
+            }
+        };
         let snap = self.ring.snapshot();
         let exports: Vec<Arc<store::Export>> = self.store.exports().cloned().collect();
         let mut total: std::collections::BTreeMap<u32, u64> = Default::default();
@@ -378,6 +353,34 @@ impl KeyOps {
             "counts_exact": exact,
             "exports": ex,
             "sweep": self.sweeper.status(),
+        })
+    }
+
+    /// The key-rotation part of `status`: blocks per version (all
+    /// exports), versions loaded, last rotation, sweep (no registry lock).
+    pub fn summary(&self) -> Value {
+        let mut total: std::collections::BTreeMap<u32, u64> = Default::default();
+        let mut exact = true;
+        for e in self.store.exports() {
+            let c = e.versions().snapshot();
+            exact &= c.exact;
+            for (v, n) in c.by_version {
+                *total.entry(v).or_default() += n;
+            }
+        }
+        let st = self.sweeper.status();
+        json!({
+            "blocks_by_version": total,
+            "counts_exact": exact,
+            "versions_loaded": self.ring.snapshot().versions,
+            "last_rotation_unix": self.last_rotation_unix(),
+            "sweep": {
+                "state": st.state,
+                "progress": st.progress,
+                "remaining_blocks": st.remaining_blocks,
+                "rate_bytes_per_sec": st.rate_bytes_per_sec,
+                "eta_seconds": st.eta_seconds,
+            },
         })
     }
 
@@ -453,19 +456,16 @@ impl KeyOps {
 
 /// `ear-sidecar keys ...`: exit 0 on success, 1 when refused or failed, 2
 /// when the command could not run (bad options).
-pub fn run(args: &KeysArgs) -> ExitCode {
-    // `rewrap` has options and a flow of its own.
-    if let KeysOp::Rewrap(a) = &args.op {
-        return super::keys_wrap::run(a);
-    }
-    let Some(target) = args.op.target() else {
+pub fn run(op: &KeysCommand) -> ExitCode {
+    super::init_logging("warn", crate::config::LogFormat::Text);
+    let Some(target) = op.target() else {
+        eprintln!("ear-sidecar: keys: internal: rewrap is not a rotation command");
         return ExitCode::from(2);
     };
-    super::init_logging("warn", crate::config::LogFormat::Text);
     let rep = Reporter::new(target.json);
     let r = match (&target.admin_socket, &target.data_dir) {
-        (Some(sock), _) => online(sock, &args.op, &rep),
-        (None, Some(dir)) => offline(dir, target, &args.op, &rep),
+        (Some(sock), _) => online(sock, op, &rep),
+        (None, Some(dir)) => offline(dir, target, op, &rep),
         (None, None) => {
             eprintln!("ear-sidecar: keys: pass --admin-socket PATH (a running sidecar) or --data-dir DIR (offline, no sidecar running)");
             return ExitCode::from(2);
@@ -484,24 +484,20 @@ pub fn run(args: &KeysArgs) -> ExitCode {
     }
 }
 
-fn request_of(op: &KeysOp) -> Request {
+fn request_of(op: &KeysCommand) -> Request {
     match op {
-        KeysOp::Status(_) => Request::KeysStatus,
-        KeysOp::Rotate(_) => Request::KeysRotate,
-        KeysOp::Retire(a) => Request::KeysRetire { version: a.version },
-        KeysOp::Sweep(s) => match s.action {
+        // `run` hands rewrap to its own module; status is harmless here.
+        KeysCommand::Status(_) | KeysCommand::Rewrap(_) => Request::KeysStatus,
+        KeysCommand::Rotate(_) => Request::KeysRotate,
+        KeysCommand::Retire(a) => Request::KeysRetire { version: a.version },
+        KeysCommand::Sweep(s) => match s.action {
             SweepAction::Pause(_) => Request::KeysSweepPause,
             SweepAction::Resume(_) => Request::KeysSweepResume,
-        },
-        KeysOp::Rewrap(a) => Request::KeysRewrap {
-            kms_key_id: a.kms_key_id.clone(),
-            kms_endpoint: a.kms_endpoint.clone(),
-            kms_region: a.kms_region.clone(),
         },
     }
 }
 
-fn online(sock: &Path, op: &KeysOp, rep: &Reporter) -> Result<(String, Value)> {
+fn online(sock: &Path, op: &KeysCommand, rep: &Reporter) -> Result<(String, Value)> {
     let req = request_of(op);
     let v = super::runtime()?.block_on(crate::control::client::call(sock, &req, |p| {
         rep.progress(p)
@@ -510,10 +506,10 @@ fn online(sock: &Path, op: &KeysOp, rep: &Reporter) -> Result<(String, Value)> {
 }
 
 /// The one-line human result of `op`.
-fn summary(op: &KeysOp, v: &Value) -> String {
+fn summary(op: &KeysCommand, v: &Value) -> String {
     match op {
-        KeysOp::Status(_) => status_line(v),
-        KeysOp::Rotate(_) => {
+        KeysCommand::Status(_) | KeysCommand::Rewrap(_) => status_line(v),
+        KeysCommand::Rotate(_) => {
             let mut s = format!(
                 "rotated: key version {} is active (was {})",
                 v["active_version"], v["previous_version"]
@@ -525,18 +521,17 @@ fn summary(op: &KeysOp, v: &Value) -> String {
             }
             s
         }
-        KeysOp::Retire(a) => format!(
+        KeysCommand::Retire(a) => format!(
             "retired key version {}: its wrapped key is removed from keys.json (versions left: {})",
             a.version, v["versions"]
         ),
-        KeysOp::Sweep(s) => match s.action {
+        KeysCommand::Sweep(s) => match s.action {
             SweepAction::Pause(_) => "re-encryption sweep paused".into(),
             SweepAction::Resume(_) => match v.get("rewritten_blocks") {
                 Some(n) => format!("re-encryption sweep finished: {n} block(s) re-encrypted"),
                 None => "re-encryption sweep resumed".into(),
             },
         },
-        KeysOp::Rewrap(_) => v["summary"].as_str().unwrap_or_default().to_string(),
     }
 }
 
@@ -576,7 +571,12 @@ fn status_line(v: &Value) -> String {
 }
 
 /// Offline: under the directory lock, with the store opened here.
-fn offline(dir: &Path, t: &KeysTarget, op: &KeysOp, rep: &Reporter) -> Result<(String, Value)> {
+fn offline(
+    dir: &Path,
+    t: &KeysTarget,
+    op: &KeysCommand,
+    rep: &Reporter,
+) -> Result<(String, Value)> {
     if !dir.is_dir() {
         bail!("{} is not a directory", dir.display());
     }
@@ -590,7 +590,7 @@ fn offline(dir: &Path, t: &KeysTarget, op: &KeysOp, rep: &Reporter) -> Result<(S
             e
         }
     })?;
-    if let KeysOp::Sweep(s) = op {
+    if let KeysCommand::Sweep(s) = op {
         if let SweepAction::Pause(_) = s.action {
             SweepFile::set_paused(dir, true)?;
             let v = json!({ "sweep": "paused" });
@@ -615,7 +615,7 @@ fn offline(dir: &Path, t: &KeysTarget, op: &KeysOp, rep: &Reporter) -> Result<(S
         .ok_or_else(|| anyhow!("key registry has a malformed dir_id"))?;
     let rt = super::runtime()?;
     rt.block_on(async {
-        let provider = super::registry_provider(
+        let provider = super::keys_wrap::registry_provider(
             &reg,
             t.local_kek_file.clone(),
             &t.kms_endpoint,
@@ -639,7 +639,7 @@ fn offline(dir: &Path, t: &KeysTarget, op: &KeysOp, rep: &Reporter) -> Result<(S
             })
             .context("open exports")?,
         );
-        let sweeps = matches!(op, KeysOp::Rotate(_) | KeysOp::Sweep(_));
+        let sweeps = matches!(op, KeysCommand::Rotate(_) | KeysCommand::Sweep(_));
         if sweeps {
             SweepFile::set_paused(dir, false)?;
         }
@@ -648,19 +648,20 @@ fn offline(dir: &Path, t: &KeysTarget, op: &KeysOp, rep: &Reporter) -> Result<(S
         } else {
             Sweeper::idle(dir)
         };
-        let master_key = Arc::new(WatchedKey::new(provider, Canary::active_of(&reg)));
+        let master = Arc::new(WatchedKey::new(provider, Canary::active_of(&reg)));
         let ops = KeyOps::new(
             dir,
-            reg,
-            master_key,
+            &reg,
+            Arc::new(tokio::sync::Mutex::new(())),
+            master,
             ring,
             Arc::clone(&store),
             sweeper.clone(),
         );
         wait_census(&store, rep).await;
         let result = match op {
-            KeysOp::Status(_) => Ok(ops.status().await),
-            KeysOp::Rotate(_) => match ops.rotate().await {
+            KeysCommand::Status(_) | KeysCommand::Rewrap(_) => Ok(ops.status().await),
+            KeysCommand::Rotate(_) => match ops.rotate().await {
                 Ok(mut v) => {
                     let n = sweep_to_end(&ops, rep).await;
                     v["rewritten_blocks"] = json!(n);
@@ -668,12 +669,11 @@ fn offline(dir: &Path, t: &KeysTarget, op: &KeysOp, rep: &Reporter) -> Result<(S
                 }
                 Err(e) => Err(e),
             },
-            KeysOp::Retire(a) => ops.retire(a.version).await,
-            KeysOp::Sweep(_) => {
+            KeysCommand::Retire(a) => ops.retire(a.version).await,
+            KeysCommand::Sweep(_) => {
                 let n = sweep_to_end(&ops, rep).await;
                 Ok(json!({ "sweep": "done", "rewritten_blocks": n }))
             }
-            KeysOp::Rewrap(_) => Err("keys rewrap runs on its own (app::keys_wrap)".into()),
         };
         sweeper.stop();
         tokio::task::block_in_place(|| store.close()).context("close exports")?;

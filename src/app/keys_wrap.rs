@@ -6,6 +6,7 @@
 //! CMK with the `validate-key` checks, draws the progress and prints the
 //! one-line result.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -17,9 +18,11 @@ use crate::config::{KmsConfig, RewrapArgs, ValidateKeyArgs};
 use crate::control::{Progress, ProgressUpdate, Request};
 use crate::crypto::KeyRing;
 use crate::keys::aws::{AwsKmsProvider, CheckOutcome};
+use crate::keys::local::LocalProvider;
 use crate::keys::registry::Registry;
 use crate::keys::revocation::{Canary, WatchedKey};
 use crate::keys::rewrap::{rewrap, RewrapMethod, RewrapOutcome};
+use crate::keys::KeyProvider;
 
 /// Exit 0 when the keys were rewrapped, 1 when refused or failed, 2 on bad options.
 pub fn run(args: &RewrapArgs) -> ExitCode {
@@ -95,13 +98,13 @@ pub(crate) async fn rewrap_online(
     progress: &Progress,
 ) -> Result<serde_json::Value, String> {
     let err = |e: anyhow::Error| super::one_line(&e);
-    let Some(ops) = &plane.key_ops else {
+    let (Some(ring), Some(master)) = (&plane.keys, &plane.master_key) else {
         return Err(format!(
             "data directory {} is not encrypted: there are no keys to rewrap",
             plane.data_dir.display()
         ));
     };
-    if ops.ring().is_failed_closed() {
+    if ring.is_failed_closed() {
         return Err(
             "this sidecar has failed closed (its keys are wiped): restore the master key, \
              restart it, then rewrap"
@@ -117,21 +120,24 @@ pub(crate) async fn rewrap_online(
     }
     .kms_config()
     .map_err(|e| e.to_string())?;
-    let watched = ops.master_key().current().provider.kind() == "aws";
-    let out = ops
-        .rewrap(&target, |done, total| {
-            progress.update(done, total, "key versions", "rewrap")
-        })
-        .await
-        .map_err(err)?;
+    let _writer = plane.registry_lock.lock().await;
+    let mut reg = Registry::load(&plane.data_dir)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{} has no keys.json", plane.data_dir.display()))?;
+    let watched = master.current().provider.kind() == "aws";
+    let out = rewrap_running(&mut reg, master, ring, &target, |done, total| {
+        progress.update(done, total, "key versions", "rewrap")
+    })
+    .await
+    .map_err(err)?;
     Ok(result_json(&plane.data_dir, &out, true, &endpoint, watched))
 }
 
-/// Rewraps the registry of a running sidecar (`reg`, held under the key
-/// operations' registry lock, [`super::keys::KeyOps::rewrap`]) from its
-/// current master key in `master` to the CMK of `target`, then points
-/// `master` (the revocation check and later key operations) at the new CMK
-/// with the new canary. `ring` holds the keys in use; they do not change.
+/// Rewraps the registry of a running sidecar (`reg`, held by the caller's
+/// registry writer lock) from its current master key in `master` to the CMK
+/// of `target`, then points `master` (the revocation check and later key
+/// operations) at the new CMK with the new canary. `ring` holds the keys in
+/// use; they do not change.
 pub(crate) async fn rewrap_running(
     reg: &mut Registry,
     master: &WatchedKey,
@@ -150,6 +156,38 @@ pub(crate) async fn rewrap_running(
     tracing::info!(from = %out.from_master_key_id, to = %out.to_master_key_id,
         versions = ?out.versions, "universe keys rewrapped under a new master key");
     Ok(out)
+}
+
+/// The provider a registry names, opened for unwrapping: the local KEK file
+/// (`kek`, or the default path), or the registry's CMK.
+pub(crate) async fn registry_provider(
+    reg: &Registry,
+    kek: Option<PathBuf>,
+    endpoint: &Option<String>,
+    region: &Option<String>,
+) -> Result<Arc<dyn KeyProvider>> {
+    Ok(match reg.provider() {
+        Some("local") => {
+            let kek = kek
+                .or_else(|| crate::config::default_local_kek_file(&|k| std::env::var_os(k)))
+                .ok_or_else(|| anyhow!("no local KEK: pass --local-kek-file PATH"))?;
+            Arc::new(
+                LocalProvider::open_or_create(&kek, false)
+                    .with_context(|| format!("local key-encryption key {}", kek.display()))?,
+            )
+        }
+        Some("aws") => {
+            let key_id = reg
+                .master_key_id()
+                .ok_or_else(|| anyhow!("the key registry names no AWS KMS key"))?;
+            Arc::new(
+                AwsKmsProvider::new(&super::aws_options(key_id, endpoint, region))
+                    .await
+                    .context("AWS KMS key provider")?,
+            )
+        }
+        other => bail!("the key registry names an unknown key provider {other:?}"),
+    })
 }
 
 /// Opens the new CMK's provider and runs the `validate-key` checks on it;
@@ -226,8 +264,7 @@ fn offline(
     };
     super::runtime()?.block_on(async {
         let to = validated_target(target).await?;
-        let from =
-            super::registry_provider(&reg, args.local_kek_file.clone(), &endpoint, &None).await?;
+        let from = registry_provider(&reg, args.local_kek_file.clone(), &endpoint, &None).await?;
         let ring: KeyRing = reg
             .unwrap_all(from.as_ref(), 16)
             .await

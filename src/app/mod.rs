@@ -50,6 +50,7 @@ pub struct App {
     watched: Option<Arc<WatchedKey>>,
     keys: Option<Arc<KeyRing>>,
     key_ops: Option<Arc<keys::KeyOps>>,
+    registry_lock: Arc<tokio::sync::Mutex<()>>,
     revocation: Arc<RevocationState>,
 }
 
@@ -191,13 +192,15 @@ impl App {
                 "key registry sealed with a MAC (first start with registry integrity)");
         }
 
-        // The master key (provider) and revocation canary, shared by the
-        // revocation watcher and the key operations: a rewrap replaces the
-        // provider, a rotation or retirement moves the canary.
+        // Master-key revocation state, filled by the watcher `run` spawns;
+        // the canary it unwraps is the active version's wrapped key.
+        let revocation = Arc::new(RevocationState::new());
         let watched = provider
             .as_ref()
             .map(|p| Arc::new(WatchedKey::new(Arc::clone(p), Canary::active_of(&registry))));
-        // The one writer of keys.json in this process from here on.
+        // One lock for every writer of keys.json (rotation, retirement,
+        // rewrap), shared by the admin socket and the rotation schedule.
+        let registry_lock = Arc::new(tokio::sync::Mutex::new(()));
         let key_ops = match (&watched, &keys) {
             (Some(w), Some(ring)) => {
                 let sweeper = store::sweep::Sweeper::start(
@@ -208,7 +211,8 @@ impl App {
                 );
                 Some(Arc::new(keys::KeyOps::new(
                     &cfg.data_dir,
-                    registry.clone(),
+                    &registry,
+                    Arc::clone(&registry_lock),
                     Arc::clone(w),
                     Arc::clone(ring),
                     Arc::clone(&store),
@@ -217,10 +221,6 @@ impl App {
             }
             _ => None,
         };
-
-        // Master-key revocation state, filled by the watcher `run` spawns;
-        // the canary it unwraps is the active version's wrapped key.
-        let revocation = Arc::new(RevocationState::new());
         if let Some(k) = &keys {
             health.watch_key_ring(Arc::clone(k));
             health.watch_revocation(Arc::clone(&revocation));
@@ -268,6 +268,7 @@ impl App {
             watched,
             keys,
             key_ops,
+            registry_lock,
             revocation,
         })
     }
@@ -296,11 +297,13 @@ impl App {
                 data_dir: self.cfg.data_dir.clone(),
                 store: Arc::clone(&self.store),
                 keys: self.keys.clone(),
+                key_ops: self.key_ops.clone(),
+                master_key: self.watched.clone(),
                 kms_endpoint: match &self.cfg.kms {
                     Some(KmsConfig::Aws { endpoint, .. }) => endpoint.clone(),
                     _ => None,
                 },
-                key_ops: self.key_ops.clone(),
+                registry_lock: Arc::clone(&self.registry_lock),
             };
             let cfg = crate::control::ControlConfig {
                 allow_uids: (!self.cfg.allow_uids.is_empty()).then(|| self.cfg.allow_uids.clone()),
@@ -633,39 +636,6 @@ pub fn aws_options(
     o.endpoint = endpoint.clone();
     o.region = region.clone();
     o
-}
-
-/// The provider a registry names, opened for unwrapping by the offline
-/// commands (`check`, `keys ... --data-dir`): the local KEK file (`kek`, or
-/// the default path), or the registry's CMK.
-pub(crate) async fn registry_provider(
-    reg: &Registry,
-    kek: Option<std::path::PathBuf>,
-    endpoint: &Option<String>,
-    region: &Option<String>,
-) -> Result<Arc<dyn KeyProvider>> {
-    Ok(match reg.provider() {
-        Some("local") => {
-            let kek = kek
-                .or_else(|| crate::config::default_local_kek_file(&|k| std::env::var_os(k)))
-                .ok_or_else(|| anyhow!("no local KEK: pass --local-kek-file PATH"))?;
-            Arc::new(
-                LocalProvider::open_or_create(&kek, false)
-                    .with_context(|| format!("local key-encryption key {}", kek.display()))?,
-            )
-        }
-        Some("aws") => {
-            let key_id = reg
-                .master_key_id()
-                .ok_or_else(|| anyhow!("the key registry names no AWS KMS key"))?;
-            Arc::new(
-                AwsKmsProvider::new(&aws_options(key_id, endpoint, region))
-                    .await
-                    .context("AWS KMS key provider")?,
-            )
-        }
-        other => bail!("the key registry names an unknown key provider {other:?}"),
-    })
 }
 
 /// Logs each validation check (error level for failures).

@@ -38,10 +38,27 @@ pub enum Command {
     ValidateKey(ValidateKeyArgs),
     /// Verify (and with --repair, repair) the backing files of a data directory offline.
     Check(CheckArgs),
-    /// Universe-key lifecycle: status, rotate, retire, the re-encryption
-    /// sweep, and rewrap under a new CMK; offline under the directory lock, or
-    /// online through a running sidecar's --admin-socket.
-    Keys(KeysArgs),
+    /// Universe-key lifecycle: offline under the directory lock, or online
+    /// through a running sidecar's --admin-socket.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `ear-sidecar keys ...`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Re-wrap every universe-key version under a new AWS KMS CMK (also
+    /// migrates a --kms local directory to AWS KMS); data blocks are untouched.
+    Rewrap(RewrapArgs),
+    /// Key versions, blocks per version and export, sweep progress.
+    Status(KeysTarget),
+    /// Make a new universe-key version active (online: the sweep re-encrypts in the
+    /// background; offline: re-encrypts now).
+    Rotate(KeysTarget),
+    /// Remove key version N (refused while a block or header still uses it).
+    Retire(RetireArgs),
+    /// Pause or resume the re-encryption sweep.
+    Sweep(SweepArgs),
 }
 
 /// Options of `ear-sidecar keys rewrap`.
@@ -395,7 +412,7 @@ pub struct RotationArgs {
     pub rotate_every: Option<Duration>,
 
     /// Rate limit of the re-encryption sweep in MiB/s of blocks rewritten; 0 = unlimited
-    /// [env: EAR_REENCRYPT_RATE] [default: 32]
+    /// [env: EAR_REENCRYPT_RATE] [default: 8]
     #[arg(long, value_name = "MIB_PER_SEC", value_parser = parse_reencrypt_rate, allow_hyphen_values = true)]
     pub reencrypt_rate: Option<u64>,
 
@@ -409,43 +426,18 @@ fn parse_reencrypt_rate(s: &str) -> Result<u64, String> {
     whole_in(s, 0, MAX_REENCRYPT_RATE_MIB)
 }
 
-/// `ear-sidecar keys`.
-#[derive(Debug, Clone, Args)]
-pub struct KeysArgs {
-    /// The operation.
-    #[command(subcommand)]
-    pub op: KeysOp,
-}
-
-/// Operations of `ear-sidecar keys`.
-#[derive(Debug, Clone, Subcommand)]
-pub enum KeysOp {
-    /// Key versions, blocks per version and export, sweep progress.
-    Status(KeysTarget),
-    /// Make a new universe-key version active (online: the sweep re-encrypts in the
-    /// background; offline: re-encrypts now).
-    Rotate(KeysTarget),
-    /// Remove key version N (refused while a block or header still uses it).
-    Retire(RetireArgs),
-    /// Pause or resume the re-encryption sweep.
-    Sweep(SweepArgs),
-    /// Re-wrap every universe-key version under a new AWS KMS CMK (also
-    /// migrates a --kms local directory to AWS KMS); data blocks are untouched.
-    Rewrap(RewrapArgs),
-}
-
-impl KeysOp {
-    /// The target options of the operation; `None` for `rewrap`, which has
-    /// options of its own ([`RewrapArgs`]).
+impl KeysCommand {
+    /// The target options of a rotation-lifecycle operation (`None` for
+    /// `rewrap`, which has its own).
     pub fn target(&self) -> Option<&KeysTarget> {
-        Some(match self {
-            KeysOp::Status(t) | KeysOp::Rotate(t) => t,
-            KeysOp::Retire(a) => &a.target,
-            KeysOp::Sweep(s) => match &s.action {
-                SweepAction::Pause(t) | SweepAction::Resume(t) => t,
+        match self {
+            KeysCommand::Rewrap(_) => None,
+            KeysCommand::Status(t) | KeysCommand::Rotate(t) => Some(t),
+            KeysCommand::Retire(a) => Some(&a.target),
+            KeysCommand::Sweep(s) => match &s.action {
+                SweepAction::Pause(t) | SweepAction::Resume(t) => Some(t),
             },
-            KeysOp::Rewrap(_) => return None,
-        })
+        }
     }
 }
 

@@ -13,17 +13,6 @@ pub enum Request {
     Ping,
     /// What the sidecar serves: exports, key versions, encryption mode.
     Status,
-    /// Re-wrap every universe-key version under a new AWS KMS CMK.
-    KeysRewrap {
-        /// ARN of the new CMK.
-        kms_key_id: String,
-        /// Endpoint override for KMS (default: the sidecar's own).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        kms_endpoint: Option<String>,
-        /// Region override for the new CMK (default: from its ARN).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        kms_region: Option<String>,
-    },
     // ---- key rotation and retirement ----
     /// Key versions, blocks per version and export, sweep progress.
     KeysStatus,
@@ -38,6 +27,17 @@ pub enum Request {
     KeysSweepPause,
     /// Resume the re-encryption sweep.
     KeysSweepResume,
+    /// Re-wrap every universe-key version under a new AWS KMS CMK.
+    KeysRewrap {
+        /// ARN of the new CMK.
+        kms_key_id: String,
+        /// Endpoint override for KMS (default: the sidecar's own).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kms_endpoint: Option<String>,
+        /// Region override for the new CMK (default: from its ARN).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kms_region: Option<String>,
+    },
 }
 
 impl Request {
@@ -46,12 +46,12 @@ impl Request {
         match self {
             Request::Ping => "ping",
             Request::Status => "status",
-            Request::KeysRewrap { .. } => "keys-rewrap",
             Request::KeysStatus => "keys-status",
             Request::KeysRotate => "keys-rotate",
             Request::KeysRetire { .. } => "keys-retire",
             Request::KeysSweepPause => "keys-sweep-pause",
             Request::KeysSweepResume => "keys-sweep-resume",
+            Request::KeysRewrap { .. } => "keys-rewrap",
         }
     }
 }

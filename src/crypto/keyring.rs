@@ -144,42 +144,6 @@ impl KeyRing {
         Ok(keys)
     }
 
-    /// HMAC-SHA256 of `msg` under the registry MAC key derived from universe
-    /// key `version` (see [`super::registry_mac`]). Fails when that version is
-    /// not loaded or the ring was wiped.
-    pub fn registry_mac(
-        &self,
-        version: u32,
-        dir_id: &[u8; 16],
-        msg: &[u8],
-    ) -> Result<[u8; 32], CryptoError> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(self.closed_error());
-        }
-        let universe = {
-            let map = self.universe.read().unwrap_or_else(|p| p.into_inner());
-            match map.get(&version) {
-                Some(k) => Arc::clone(k),
-                None => return Err(CryptoError::UnknownVersion(version)),
-            }
-        };
-        Ok(super::registry_mac(&universe, dir_id, msg))
-    }
-
-    /// True when every version `other` holds is held here too, with the same
-    /// universe key (compared in constant time per key). A rewrap checks with
-    /// it that the new blobs unwrap to the keys in use.
-    pub fn contains_keys_of(&self, other: &KeyRing) -> bool {
-        use subtle::ConstantTimeEq;
-        let mine = self.universe.read().unwrap_or_else(|p| p.into_inner());
-        let theirs = other.universe.read().unwrap_or_else(|p| p.into_inner());
-        !theirs.is_empty()
-            && theirs.iter().all(|(v, k)| {
-                mine.get(v)
-                    .is_some_and(|m| bool::from(m.expose()[..].ct_eq(&k.expose()[..])))
-            })
-    }
-
     fn is_loaded(&self, version: u32) -> bool {
         self.universe
             .read()
@@ -257,6 +221,42 @@ impl KeyRing {
             }
         }
         Ok(())
+    }
+
+    /// HMAC-SHA256 of `msg` under the registry MAC key derived from universe
+    /// key `version` (see [`super::registry_mac`]). Fails when that version is
+    /// not loaded or the ring was wiped.
+    pub fn registry_mac(
+        &self,
+        version: u32,
+        dir_id: &[u8; 16],
+        msg: &[u8],
+    ) -> Result<[u8; 32], CryptoError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
+        }
+        let universe = {
+            let map = self.universe.read().unwrap_or_else(|p| p.into_inner());
+            match map.get(&version) {
+                Some(k) => Arc::clone(k),
+                None => return Err(CryptoError::UnknownVersion(version)),
+            }
+        };
+        Ok(super::registry_mac(&universe, dir_id, msg))
+    }
+
+    /// True when every version `other` holds is held here too, with the same
+    /// universe key (compared in constant time per key). A rewrap checks with
+    /// it that the new blobs unwrap to the keys in use.
+    pub fn contains_keys_of(&self, other: &KeyRing) -> bool {
+        use subtle::ConstantTimeEq;
+        let mine = self.universe.read().unwrap_or_else(|p| p.into_inner());
+        let theirs = other.universe.read().unwrap_or_else(|p| p.into_inner());
+        !theirs.is_empty()
+            && theirs.iter().all(|(v, k)| {
+                mine.get(v)
+                    .is_some_and(|m| bool::from(m.expose()[..].ct_eq(&k.expose()[..])))
+            })
     }
 
     /// Fail closed: drop every universe and derived key held here and refuse all
@@ -352,25 +352,6 @@ mod tests {
     }
 
     #[test]
-    fn contains_keys_of_compares_versions_and_bytes() {
-        let k = SecretKey::generate().unwrap();
-        let a = KeyRing::new(BTreeMap::from([(1, k.duplicate())]), 1, 4).unwrap();
-        let b = KeyRing::new(BTreeMap::from([(1, k.duplicate())]), 1, 4).unwrap();
-        let c = KeyRing::new(BTreeMap::from([(2, k.duplicate())]), 2, 4).unwrap();
-        let both = KeyRing::new(
-            BTreeMap::from([(1, k.duplicate()), (2, SecretKey::generate().unwrap())]),
-            2,
-            4,
-        )
-        .unwrap();
-        assert!(a.contains_keys_of(&b));
-        assert!(!a.contains_keys_of(&c), "version 2 not held");
-        assert!(!a.contains_keys_of(&ring(4)), "another key as version 1");
-        assert!(both.contains_keys_of(&a), "a ring may hold more versions");
-        assert!(!a.contains_keys_of(&both));
-    }
-
-    #[test]
     fn rotate_and_retire_versions() {
         let r = ring(64);
         let f = [3u8; 16];
@@ -407,6 +388,25 @@ mod tests {
             r.remove_version(1),
             Err(CryptoError::UnknownVersion(1))
         ));
+    }
+
+    #[test]
+    fn contains_keys_of_compares_versions_and_bytes() {
+        let k = SecretKey::generate().unwrap();
+        let a = KeyRing::new(BTreeMap::from([(1, k.duplicate())]), 1, 4).unwrap();
+        let b = KeyRing::new(BTreeMap::from([(1, k.duplicate())]), 1, 4).unwrap();
+        let c = KeyRing::new(BTreeMap::from([(2, k.duplicate())]), 2, 4).unwrap();
+        let both = KeyRing::new(
+            BTreeMap::from([(1, k.duplicate()), (2, SecretKey::generate().unwrap())]),
+            2,
+            4,
+        )
+        .unwrap();
+        assert!(a.contains_keys_of(&b));
+        assert!(!a.contains_keys_of(&c), "version 2 not held");
+        assert!(!a.contains_keys_of(&ring(4)), "another key as version 1");
+        assert!(both.contains_keys_of(&a), "a ring may hold more versions");
+        assert!(!a.contains_keys_of(&both));
     }
 
     #[test]
