@@ -776,8 +776,24 @@ fn rotate_rewrap_rotate_and_retire_online_then_restart_under_the_new_cmk() {
         assert_eq!(got, want, "{reg:#}");
     };
 
+    let path = s.data_dir().join("keys.json");
+    let first = std::fs::read(&path).expect("keys.json");
     assert_eq!(keys(&s, &["rotate"])["active_version"], 2);
     io_ok(&s, "write -P 0x92 2M 1M");
+
+    // An authentic older keys.json put back behind the sidecar is not
+    // written over: a rotation from it would reuse version 2.
+    let current = std::fs::read(&path).expect("keys.json");
+    std::fs::write(&path, &first).expect("put the old copy back");
+    let o = keys_cmd(&s, &moto.endpoint, &["rotate", "--admin-socket", admin]);
+    assert!(!o.status.success(), "{}", o.both());
+    assert!(
+        o.stderr.contains("replaced behind the sidecar"),
+        "{}",
+        o.both()
+    );
+    assert_eq!(std::fs::read(&path).expect("keys.json"), first);
+    std::fs::write(&path, &current).expect("restore keys.json");
     let o = rewrap_online(&s, &moto.endpoint, &["--kms", "aws", "--kms-key-id", &new]);
     assert!(
         o.status.success(),
