@@ -2,9 +2,12 @@
 //! real binary: `keys rotate|retire|status|sweep` on the admin socket and
 //! offline, under fio `--verify` load, across a SIGKILL in the middle of the
 //! sweep, with `--rotate-every` and `--retire-after-sweep`, and checked with
-//! the independent Python decryptor.
+//! the independent Python decryptor; rotation under an AWS KMS CMK against
+//! moto_server (`EAR_SKIP_MOTO=1` skips that one, as in `tests/kms_aws.rs`).
 
 mod common;
+#[path = "common/moto.rs"]
+mod moto;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -459,5 +462,67 @@ fn retire_refused_with_a_count_then_offline_sweep_rotate_and_retire() {
     qemu_io(&sc.uri("a"), &["read -P 0x11 0 1M", "read -P 0 1M 3M"]);
     let v = status(&sc);
     assert_eq!(v["versions_loaded"], serde_json::json!([3]), "{v:#}");
+    sc.stop();
+}
+
+#[test]
+fn aws_rotation_generates_the_version_under_the_cmk_and_restarts_under_it() {
+    require_tool("qemu-io");
+    let Some(moto) = moto::Moto::start() else {
+        return;
+    };
+    let arn = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(moto.create_key(aws_sdk_kms::types::KeySpec::SymmetricDefault, false));
+    let endpoint = moto.endpoint.clone();
+    let mut sc = Sidecar::new_stopped(&[
+        "--kms",
+        "aws",
+        "--kms-key-id",
+        &arn,
+        "--export",
+        "a=4M",
+        "--reencrypt-rate",
+        "0",
+        "--retire-after-sweep",
+    ]);
+    for (k, v) in [
+        ("AWS_ACCESS_KEY_ID", Some("testing")),
+        ("AWS_SECRET_ACCESS_KEY", Some("testing")),
+        ("AWS_SESSION_TOKEN", Some("testing")),
+        ("AWS_REGION", Some(moto::REGION)),
+        ("AWS_ENDPOINT_URL_KMS", Some(endpoint.as_str())),
+        ("AWS_EC2_METADATA_DISABLED", Some("true")),
+        ("AWS_PROFILE", None),
+        ("AWS_ENDPOINT_URL", None),
+    ] {
+        sc.set_env(k, v);
+    }
+    sc.start_again();
+    qemu_io(&sc.uri("a"), &["write -P 0x7e 0 2M"]);
+    let r = ok_json(&keys_online(&sc, &["rotate"]));
+    assert_eq!(r["active_version"], 2, "{r}");
+    // The sweep moves every block, then version 1 is retired by itself.
+    wait_status(&sc, "version 1 retired", Duration::from_secs(60), |v| {
+        v["versions_loaded"] == serde_json::json!([2]) && sweep_done(v)
+    });
+    qemu_io(&sc.uri("a"), &["read -P 0x7e 0 2M"]);
+    sc.stop();
+    let reg: Value =
+        serde_json::from_str(&std::fs::read_to_string(sc.data_dir().join("keys.json")).unwrap())
+            .unwrap();
+    let versions = reg["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 1, "{reg}");
+    assert_eq!(versions[0]["version"], 2, "{reg}");
+    assert_eq!(
+        versions[0]["context"]["ear-sidecar:key-version"], "2",
+        "{reg}"
+    );
+    assert_eq!(reg["master_key_id"], arn.as_str(), "{reg}");
+    // A restart unwraps version 2 from KMS (Decrypt with its context).
+    sc.start_again();
+    qemu_io(&sc.uri("a"), &["read -P 0x7e 0 2M", "read -P 0 2M 2M"]);
     sc.stop();
 }

@@ -276,6 +276,7 @@ impl Sweeper {
             data_dir: data_dir.to_path_buf(),
             shared: Arc::clone(&s.shared),
             file,
+            parked: None,
         };
         match std::thread::Builder::new()
             .name("ear-sweep".into())
@@ -436,6 +437,10 @@ struct Run {
     data_dir: PathBuf,
     shared: Arc<Shared>,
     file: SweepFile,
+    /// (active version, blocks left) after a pass that could rewrite
+    /// nothing more (only damaged blocks left): no new pass until either
+    /// changes.
+    parked: Option<(u32, u64)>,
 }
 
 /// Why a pass ended early.
@@ -527,6 +532,10 @@ impl Run {
             }
             return Ok(false);
         }
+        if self.parked == Some((active, left)) {
+            return Ok(false);
+        }
+        self.parked = None;
         if self.shared.paused.load(Ordering::Acquire) {
             self.update_status(|st| st.state = "paused".into());
             return Ok(false);
@@ -538,6 +547,7 @@ impl Run {
         self.file.format = 1;
         self.file.paused = false;
         let mut damaged = 0;
+        let rewritten_before = self.shared.rewritten.load(Ordering::Acquire);
         for e in todo {
             match self.sweep_export(e, active, &mut damaged)? {
                 None => {}
@@ -548,6 +558,28 @@ impl Run {
         self.shared.passes.fetch_add(1, Ordering::AcqRel);
         self.update_status(|st| st.damaged_blocks = damaged);
         let (left, exact) = remaining(&exports, active);
+        let progressed = self.shared.rewritten.load(Ordering::Acquire) > rewritten_before;
+        if left > 0 && !progressed {
+            // Nothing more can be rewritten: blocks that match neither slot
+            // (damage), which `check --repair` resolves. Say so once and
+            // wait for a change instead of passing again and again.
+            tracing::warn!(
+                remaining = left,
+                damaged,
+                "sweep finished except blocks it cannot re-encrypt (damaged: \
+                 `ear-sidecar check --repair` resolves them); the old key version stays in use"
+            );
+            self.parked = Some((active, left));
+            self.file.cursor.clear();
+            self.save()?;
+            self.update_status(|st| {
+                st.state = "done".into();
+                st.damaged_blocks = left;
+                st.export = None;
+                st.eta_seconds = None;
+            });
+            return Ok(false);
+        }
         if left > damaged || !exact {
             // Blocks the cursor had passed are under another version (the
             // counts are exact, the cursor only an optimisation, e.g. after
