@@ -23,6 +23,8 @@ fn main() -> ExitCode {
         Command::Status(args) => commands::status(&args),
         Command::ValidateKey(args) => return commands::validate_key(&args),
         Command::Check(args) => return app::check::run(&args),
+        Command::Backup(args) => app::backup::run_backup(&args),
+        Command::Restore(args) => app::backup::run_restore(&args),
         Command::Keys(KeysCommand::Rewrap(args)) => return app::keys_wrap::run(&args),
         Command::Keys(other) => return app::keys::run(&other),
     };

@@ -104,6 +104,36 @@ pub mod names {
     pub const SWEEP_REWRITTEN: &str = "ear_sweep_rewritten_blocks_total";
     /// Gauge 1 while an operator has paused the sweep.
     pub const SWEEP_PAUSED: &str = "ear_sweep_paused";
+    /// Gauge: unix time of the last successful backup, by `export`.
+    pub const BACKUP_LAST_SUCCESS: &str = "ear_backup_last_success_timestamp_seconds";
+    /// Gauge: wall time of the last successful backup, by `export`.
+    pub const BACKUP_LAST_DURATION: &str = "ear_backup_last_duration_seconds";
+    /// Gauge: bytes the last successful backup uploaded, by `export`.
+    pub const BACKUP_LAST_BYTES: &str = "ear_backup_last_bytes";
+    /// Gauge: how long I/O was held for the last backup's cut, by `export`.
+    pub const BACKUP_LAST_CUT_PAUSE: &str = "ear_backup_last_cut_pause_seconds";
+    /// Counter: backups that failed, by `export`.
+    pub const BACKUP_FAILURES: &str = "ear_backup_failures_total";
+}
+
+/// Records a successful backup of `export` taken through this sidecar.
+pub fn record_backup(export: &str, stats: &crate::backup::BackupStats, pause: std::time::Duration) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let e = export.to_string();
+    metrics::gauge!(names::BACKUP_LAST_SUCCESS, "export" => e.clone()).set(now);
+    metrics::gauge!(names::BACKUP_LAST_DURATION, "export" => e.clone())
+        .set(stats.duration.as_secs_f64());
+    metrics::gauge!(names::BACKUP_LAST_BYTES, "export" => e.clone())
+        .set(stats.bytes_uploaded as f64);
+    metrics::gauge!(names::BACKUP_LAST_CUT_PAUSE, "export" => e).set(pause.as_secs_f64());
+}
+
+/// Records a failed backup of `export`.
+pub fn record_backup_failure(export: &str) {
+    metrics::counter!(names::BACKUP_FAILURES, "export" => export.to_string()).increment(1);
 }
 
 /// Registers HELP text and units of every metric with the current recorder.
@@ -172,6 +202,27 @@ pub fn describe_all() {
         "Blocks matching neither of their slots (a write torn by power loss, or damage)."
     );
     describe_gauge!(KEY_EPOCH, "Key epoch new block writes use.");
+    describe_gauge!(
+        BACKUP_LAST_SUCCESS,
+        Unit::Seconds,
+        "Unix time of the last successful backup taken through this sidecar."
+    );
+    describe_gauge!(
+        BACKUP_LAST_DURATION,
+        Unit::Seconds,
+        "Wall time of the last successful backup."
+    );
+    describe_gauge!(
+        BACKUP_LAST_BYTES,
+        Unit::Bytes,
+        "Bytes the last successful backup uploaded (chunks, index, manifest)."
+    );
+    describe_gauge!(
+        BACKUP_LAST_CUT_PAUSE,
+        Unit::Seconds,
+        "How long I/O to the export was held to take the last backup's cut."
+    );
+    describe_counter!(BACKUP_FAILURES, "Backups that failed.");
     describe_gauge!(
         KEY_EPOCH_WRITES,
         "Block writes taken in the current key epoch."

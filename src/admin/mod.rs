@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-pub use exporter::{names, Metrics, BUCKETS};
+pub use exporter::{names, record_backup, record_backup_failure, Metrics, BUCKETS};
 
 use crate::health::Health;
 

@@ -56,6 +56,12 @@ impl Handler for ControlPlane {
             | Request::KeysRetire { .. }
             | Request::KeysSweepPause
             | Request::KeysSweepResume => self.key_lifecycle(&req).await,
+            Request::Backup {
+                export,
+                to,
+                full,
+                incremental,
+            } => self.backup(&export, &to, full, incremental, progress).await,
             Request::KeysRewrap {
                 kms_key_id,
                 kms_endpoint,
@@ -83,6 +89,65 @@ impl ControlPlane {
         match ops.handle(req).await {
             Some(r) => r,
             None => Err(format!("{} is not a key operation", req.op_name())),
+        }
+    }
+
+    /// Takes a backup of `export` now (the `backup --admin-socket` command)
+    /// and records its outcome in the export's backup metrics.
+    async fn backup(
+        &self,
+        export: &str,
+        to: &str,
+        full: bool,
+        incremental: bool,
+        progress: Progress,
+    ) -> Result<Value, String> {
+        let e = self
+            .store
+            .get(export)
+            .ok_or_else(|| format!("no export {export:?} is served here"))?;
+        let ring = self
+            .keys
+            .as_ref()
+            .ok_or("backups need encryption: this sidecar runs with encryption off")?;
+        let registry = crate::keys::registry::Registry::path_in(&self.data_dir);
+        let key_registry = std::fs::read(&registry)
+            .map_err(|err| format!("read the key registry {}: {err}", registry.display()))?;
+        let r = async {
+            let target = super::backup::open_target(to).await?;
+            progress.update(0, 0, "bytes", "taking the cut");
+            super::backup::take_backup(
+                e,
+                target,
+                ring,
+                key_registry,
+                full,
+                incremental,
+                |_| progress.update(0, 0, "bytes", crate::control::BACKUP_CUT_TAKEN),
+                &|p| {
+                    progress.update(
+                        p.bytes,
+                        p.total_bytes.unwrap_or(0),
+                        "bytes",
+                        crate::control::BACKUP_CUT_TAKEN,
+                    )
+                },
+            )
+            .await
+        }
+        .await;
+        match r {
+            Ok(report) => {
+                crate::admin::record_backup(export, &report.stats, report.cut.pause);
+                tracing::info!(export, backup = %report.stats.backup_id,
+                    pause_us = report.cut.pause.as_micros() as u64,
+                    preserved = report.cut.preserved_blocks, "backup complete");
+                Ok(json!({ "summary": report.summary(), "report": report }))
+            }
+            Err(err) => {
+                crate::admin::record_backup_failure(export);
+                Err(super::one_line(&err))
+            }
         }
     }
 

@@ -7,6 +7,7 @@
 //! The top of the library: it wires the layers together and is the only
 //! place besides `main` that uses `anyhow`.
 
+pub mod backup;
 pub mod check;
 pub mod commands;
 pub mod control;

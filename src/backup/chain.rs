@@ -50,7 +50,16 @@ pub async fn list(
         };
         out.push(BackupInfo { id, manifest });
     }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
+    // Ids order by cut time to the second; within one second the cut time
+    // in the manifest (milliseconds) orders them.
+    let cut_ms = |b: &BackupInfo| b.manifest.as_ref().map_or(0, |m| m.cut_unix_ms);
+    out.sort_by(|a, b| {
+        let second = |x: &BackupInfo| x.id.as_str().get(..16).unwrap_or("").to_string();
+        second(a)
+            .cmp(&second(b))
+            .then(cut_ms(a).cmp(&cut_ms(b)))
+            .then(a.id.cmp(&b.id))
+    });
     Ok(out)
 }
 

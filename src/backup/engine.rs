@@ -2,10 +2,11 @@
 //! [`BackupTarget`], driving a [`BlockSource`] / [`BlockSink`] on a blocking
 //! thread while objects move concurrently.
 //!
-//! Backup pipeline: the source thread reads changed blocks and packs them
+//! Backup pipeline: the source thread reads changed blocks and groups them
 //! into chunks (one or more aligned windows of blocks each, so unchanged
-//! regions produce identical chunks and dedupe); the async side uploads up
-//! to `parallel` chunks at once, skipping chunks already present (content
+//! regions produce identical chunks and dedupe); each chunk is encoded and
+//! hashed on the blocking pool, and the async side uploads up to `parallel`
+//! chunks at once, skipping chunks already present (content
 //! addressing makes a retried or repeated backup cheap). Only when every
 //! object is stored does the engine publish the manifest: that is the commit
 //! point. Dropping the future or failing mid-way publishes nothing.
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::chain::{self, Chain, RestorePlan, VerifyReport};
-use super::chunk::{BlockRecord, BlockRun, ChunkBuilder, EncodedChunk};
+use super::chunk::{BlockRecord, BlockRun, ChunkBuilder};
 use super::index::SlotIndex;
 use super::manifest::{self, BackupId, ChunkRef, Manifest, ManifestKeys, ObjectRef, Totals};
 use super::source::{BlockSink, BlockSource, RestoreInfo};
@@ -193,13 +194,14 @@ pub async fn backup<S: BlockSource + 'static>(
     let meta = source.export_meta();
     let id = BackupId::new(cut).map_err(|e| BackupError::Invalid(e.to_string()))?;
 
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<EncodedChunk>(2);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<ChunkBuilder>(2);
     let opts = req.options.clone();
     let producer = tokio::task::spawn_blocking(move || produce(source, base, blocks, &opts, tx));
 
     let parallel = req.options.parallel.max(1);
     let mut uploads = tokio::task::JoinSet::new();
-    let mut chunks: Vec<ChunkRef> = Vec::new();
+    // Chunk references by production order (uploads finish in any order).
+    let mut chunks: Vec<(u64, ChunkRef)> = Vec::new();
     let mut stats = BackupStats {
         backup_id: id.to_string(),
         parent: req.parent.as_ref().map(|p| p.to_string()),
@@ -218,12 +220,15 @@ pub async fn backup<S: BlockSource + 'static>(
         total_bytes: None,
         objects: 0,
     };
-    let on_upload = |r: Result<Result<(bool, u64, u64), BackupError>, tokio::task::JoinError>,
+    type Uploaded = (u64, ChunkRef, bool, u64);
+    let on_upload = |r: Result<Result<Uploaded, BackupError>, tokio::task::JoinError>,
                      stats: &mut BackupStats,
-                     done: &mut Progress|
+                     done: &mut Progress,
+                     chunks: &mut Vec<(u64, ChunkRef)>|
      -> Result<(), BackupError> {
-        let (uploaded, len, recs) =
+        let (seq, cref, uploaded, recs) =
             r.map_err(|e| BackupError::Invalid(format!("upload task failed: {e}")))??;
+        let len = cref.bytes;
         if uploaded {
             stats.bytes_uploaded += len;
         } else {
@@ -233,37 +238,48 @@ pub async fn backup<S: BlockSource + 'static>(
         done.blocks += recs;
         done.bytes += len;
         done.objects += 1;
+        chunks.push((seq, cref));
         progress(done);
         Ok(())
     };
-    while let Some(chunk) = rx.recv().await {
-        let sha = hex::encode(chunk.sha256);
-        let len = chunk.bytes.len() as u64;
-        chunks.push(ChunkRef {
-            sha256: sha.clone(),
-            bytes: len,
-            runs: chunk.runs.clone(),
-            data_blocks: chunk.data_blocks,
-        });
+    let mut seq = 0u64;
+    while let Some(builder) = rx.recv().await {
         while uploads.len() >= parallel {
             if let Some(r) = uploads.join_next().await {
-                on_upload(r, &mut stats, &mut done)?;
+                on_upload(r, &mut stats, &mut done, &mut chunks)?;
             }
         }
         let t = target.clone();
-        let recs = chunk.records;
+        let this = seq;
+        seq += 1;
         uploads.spawn(async move {
+            // Encoding and hashing run on the blocking pool, beside the
+            // reader and the other chunks, not on the reading thread.
+            let chunk = tokio::task::spawn_blocking(move || builder.finish())
+                .await
+                .map_err(|e| BackupError::Invalid(format!("chunk encoder failed: {e}")))?
+                .ok_or_else(|| BackupError::Invalid("empty chunk".into()))?;
+            let sha = hex::encode(chunk.sha256);
+            let len = chunk.bytes.len() as u64;
+            let cref = ChunkRef {
+                sha256: sha.clone(),
+                bytes: len,
+                runs: chunk.runs,
+                data_blocks: chunk.data_blocks,
+            };
             let key = ObjectKey::object(&sha)?;
             if t.exists(&key).await? {
-                return Ok((false, len, recs));
+                return Ok((this, cref, false, chunk.records));
             }
             t.put(&key, chunk.bytes).await?;
-            Ok((true, len, recs))
+            Ok((this, cref, true, chunk.records))
         });
     }
     while let Some(r) = uploads.join_next().await {
-        on_upload(r, &mut stats, &mut done)?;
+        on_upload(r, &mut stats, &mut done, &mut chunks)?;
     }
+    chunks.sort_by_key(|(seq, _)| *seq);
+    let chunks: Vec<ChunkRef> = chunks.into_iter().map(|(_, c)| c).collect();
     let index = producer
         .await
         .map_err(|e| BackupError::Invalid(format!("backup reader task failed: {e}")))??;
@@ -321,11 +337,11 @@ fn produce<S: BlockSource>(
     mut index: SlotIndex,
     blocks: u64,
     opts: &BackupOptions,
-    tx: tokio::sync::mpsc::Sender<EncodedChunk>,
+    tx: tokio::sync::mpsc::Sender<ChunkBuilder>,
 ) -> Result<SlotIndex, BackupError> {
     let send = |b: ChunkBuilder| -> Result<(), BackupError> {
-        if let Some(c) = b.finish() {
-            tx.blocking_send(c)
+        if !b.is_empty() {
+            tx.blocking_send(b)
                 .map_err(|_| BackupError::Invalid("backup cancelled".into()))?;
         }
         Ok(())

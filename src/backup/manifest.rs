@@ -438,6 +438,23 @@ impl ManifestKeys {
         Self { active: v, keys }
     }
 
+    /// The manifest keys of every universe key in `ring`; the ring's active
+    /// version signs.
+    pub fn from_ring(ring: &crate::crypto::KeyRing) -> Result<Self, crate::crypto::CryptoError> {
+        let active = ring.active_version();
+        let mut all = ring.derive_each(ManifestKey::derive)?;
+        let pos = all
+            .iter()
+            .position(|(v, _)| *v == active)
+            .ok_or(crate::crypto::CryptoError::UnknownVersion(active))?;
+        let (_, signing) = all.swap_remove(pos);
+        let mut keys = Self::new(signing);
+        for (_, k) in all {
+            keys.insert(k);
+        }
+        Ok(keys)
+    }
+
     /// Adds the key of an older (or newer) version, for verifying.
     pub fn insert(&mut self, key: ManifestKey) {
         self.keys.insert(key.version, key);

@@ -38,6 +38,10 @@ pub enum Command {
     ValidateKey(ValidateKeyArgs),
     /// Verify (and with --repair, repair) the backing files of a data directory offline.
     Check(CheckArgs),
+    /// Take an encrypted point-in-time backup of an export (or list, prune, verify backups).
+    Backup(BackupArgs),
+    /// Restore a backup into a new data directory that a sidecar can serve.
+    Restore(RestoreArgs),
     /// Universe-key lifecycle: offline under the directory lock, or online
     /// through a running sidecar's --admin-socket.
     #[command(subcommand)]
@@ -394,6 +398,193 @@ fn parse_key_cache_size_arg(s: &str) -> Result<usize, String> {
 fn parse_uid_arg(s: &str) -> Result<u32, String> {
     // u32::MAX is (uid_t)-1, which no process can have.
     whole_in(s, 0, u64::from(u32::MAX) - 1).map(|n| n as u32)
+}
+
+/// How the backup commands reach the universe keys: the provider the key
+/// registry names, with these options.
+#[derive(Debug, Clone, Default, Args)]
+pub struct BackupKeyArgs {
+    /// KEK file of the local provider [default: as for serve]
+    #[arg(long, value_name = "PATH", env = "EAR_LOCAL_KEK_FILE")]
+    pub local_kek_file: Option<PathBuf>,
+
+    /// AWS KMS endpoint URL [default: from the AWS configuration]
+    #[arg(long, value_name = "URL", env = "EAR_KMS_ENDPOINT")]
+    pub kms_endpoint: Option<String>,
+
+    /// AWS region [default: from the key ARN or the AWS configuration]
+    #[arg(long, value_name = "REGION", env = "EAR_KMS_REGION")]
+    pub kms_region: Option<String>,
+}
+
+/// Options of `ear-sidecar backup`.
+#[derive(Debug, Clone, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct BackupArgs {
+    /// list, prune or verify (without one: take a backup).
+    #[command(subcommand)]
+    pub command: Option<BackupCommand>,
+
+    /// Take a backup.
+    #[command(flatten)]
+    pub take: BackupTakeArgs,
+}
+
+/// Options of `ear-sidecar backup --export NAME --to DEST`.
+#[derive(Debug, Clone, Args)]
+pub struct BackupTakeArgs {
+    /// Export to back up
+    #[arg(long, value_name = "NAME", required = true)]
+    pub export: Option<String>,
+
+    /// Destination: a directory or s3://bucket/prefix
+    #[arg(long, value_name = "DEST", required = true)]
+    pub to: Option<String>,
+
+    /// Require a parent: only blocks changed since the newest backup of the
+    /// export (the default whenever a parent exists)
+    #[arg(long, conflicts_with = "full")]
+    pub incremental: bool,
+
+    /// A full backup even when a parent exists
+    #[arg(long)]
+    pub full: bool,
+
+    /// Offline: the data directory (no sidecar may be running on it)
+    #[arg(long, value_name = "DIR", conflicts_with = "admin_socket")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Online: the admin socket of the running sidecar
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+
+    /// Command run as `sh -c 'CMD "$1"' hook freeze` just before the cut and
+    /// with `thaw` right after it (e.g. a script running fsfreeze -f / -u)
+    #[arg(long, value_name = "CMD")]
+    pub freeze_hook: Option<String>,
+
+    /// Print one JSON object instead of text
+    #[arg(long)]
+    pub json: bool,
+
+    /// Key provider options (offline).
+    #[command(flatten)]
+    pub keys: BackupKeyArgs,
+}
+
+/// `ear-sidecar backup` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum BackupCommand {
+    /// List the backups at a destination (unusable ones with the reason).
+    List(BackupListArgs),
+    /// Remove all but the newest N backups per export (never a kept chain's parent).
+    Prune(BackupPruneArgs),
+    /// Check MACs, the chain and every object's hash (and with --decrypt-check, decrypt every block).
+    Verify(BackupVerifyArgs),
+}
+
+/// Options of `ear-sidecar backup list`.
+#[derive(Debug, Clone, Args)]
+pub struct BackupListArgs {
+    /// Destination: a directory or s3://bucket/prefix
+    #[arg(long, value_name = "DEST")]
+    pub from: String,
+
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+
+    /// Key provider options.
+    #[command(flatten)]
+    pub keys: BackupKeyArgs,
+}
+
+/// Options of `ear-sidecar backup prune`.
+#[derive(Debug, Clone, Args)]
+pub struct BackupPruneArgs {
+    /// Destination: a directory or s3://bucket/prefix
+    #[arg(long, value_name = "DEST")]
+    pub from: String,
+
+    /// Newest backups to keep per export (their parents are kept too)
+    #[arg(long, value_name = "N")]
+    pub keep: usize,
+
+    /// Only this export's backups
+    #[arg(long, value_name = "NAME")]
+    pub export: Option<String>,
+
+    /// Unreferenced objects younger than this are kept (a backup may be running)
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub orphan_grace: Duration,
+
+    /// Report only, delete nothing
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+
+    /// Key provider options.
+    #[command(flatten)]
+    pub keys: BackupKeyArgs,
+}
+
+/// Options of `ear-sidecar backup verify`.
+#[derive(Debug, Clone, Args)]
+pub struct BackupVerifyArgs {
+    /// Destination: a directory or s3://bucket/prefix
+    #[arg(long, value_name = "DEST")]
+    pub from: String,
+
+    /// Backup to verify [default: the newest]
+    #[arg(long, value_name = "ID")]
+    pub backup: Option<String>,
+
+    /// Also decrypt every block through the CMK (no plaintext is written)
+    #[arg(long)]
+    pub decrypt_check: bool,
+
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+
+    /// Key provider options.
+    #[command(flatten)]
+    pub keys: BackupKeyArgs,
+}
+
+/// Options of `ear-sidecar restore`.
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// Destination the backups are in: a directory or s3://bucket/prefix
+    #[arg(long, value_name = "DEST")]
+    pub from: String,
+
+    /// Backup to restore [default: the newest of the export]
+    #[arg(long, value_name = "ID")]
+    pub backup: Option<String>,
+
+    /// New data directory to create (must not exist or be empty)
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+
+    /// Export whose newest backup to restore (when the destination holds several)
+    #[arg(long, value_name = "NAME")]
+    pub export: Option<String>,
+
+    /// Restore under another AWS KMS key (rewraps the universe keys)
+    #[arg(long, value_name = "ARN")]
+    pub kms_key_id: Option<String>,
+
+    /// Print one JSON object instead of text
+    #[arg(long)]
+    pub json: bool,
+
+    /// Key provider options.
+    #[command(flatten)]
+    pub keys: BackupKeyArgs,
 }
 
 /// A path where an empty value is allowed (it disables the feature).

@@ -25,7 +25,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-pub use proto::{ProgressUpdate, Reply, Request};
+pub use proto::{ProgressUpdate, Reply, Request, BACKUP_CUT_TAKEN};
 
 /// Longest request line accepted (requests are small JSON objects).
 pub const MAX_REQUEST_LINE: usize = 64 * 1024;

@@ -27,6 +27,22 @@ pub enum Request {
     KeysSweepPause,
     /// Resume the re-encryption sweep.
     KeysSweepResume,
+    /// Take a backup of an export at a cut taken now. Progress lines after
+    /// the cut carry the message [`BACKUP_CUT_TAKEN`] (a freeze hook thaws
+    /// on the first one).
+    Backup {
+        /// Export name.
+        export: String,
+        /// Destination: a directory (on the sidecar's file system) or
+        /// `s3://bucket/prefix`.
+        to: String,
+        /// A full backup even when a parent exists.
+        #[serde(default)]
+        full: bool,
+        /// Require a parent.
+        #[serde(default)]
+        incremental: bool,
+    },
     /// Re-wrap every universe-key version under a new AWS KMS CMK.
     KeysRewrap {
         /// ARN of the new CMK.
@@ -40,6 +56,9 @@ pub enum Request {
     },
 }
 
+/// Progress message of a backup once its cut is taken.
+pub const BACKUP_CUT_TAKEN: &str = "cut taken; copying";
+
 impl Request {
     /// The `op` name, for logs.
     pub fn op_name(&self) -> &'static str {
@@ -51,6 +70,7 @@ impl Request {
             Request::KeysRetire { .. } => "keys-retire",
             Request::KeysSweepPause => "keys-sweep-pause",
             Request::KeysSweepResume => "keys-sweep-resume",
+            Request::Backup { .. } => "backup",
             Request::KeysRewrap { .. } => "keys-rewrap",
         }
     }

@@ -274,6 +274,20 @@ impl KeyRing {
         }
     }
 
+    /// `f` applied to each loaded universe key, by version: for keys that
+    /// derive from the universe key outside the per-file scheme (the backup
+    /// manifest key). Fails closed like [`KeyRing::file_keys`].
+    pub fn derive_each<T>(
+        &self,
+        f: impl Fn(u32, &SecretKey) -> T,
+    ) -> Result<Vec<(u32, T)>, CryptoError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
+        }
+        let map = self.universe.read().unwrap_or_else(|p| p.into_inner());
+        Ok(map.iter().map(|(&v, k)| (v, f(v, k))).collect())
+    }
+
     /// True after [`KeyRing::wipe`].
     pub fn is_failed_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)

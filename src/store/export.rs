@@ -129,6 +129,12 @@ pub struct Export {
     pub(super) stop_scrub: AtomicBool,
     /// Blocks by key version (see [`super::versions`]).
     pub(super) versions: super::versions::VersionCounts,
+    /// The cut of a running backup (blocks to preserve before a change).
+    pub(super) cut: super::snapshot::CutSlot,
+    /// Held shared by every request that changes slots (write, trim,
+    /// write-zeroes, a scrub step) for its whole duration, and exclusively
+    /// to take a backup cut: the cut falls between requests.
+    pub(super) gate: std::sync::RwLock<()>,
 }
 
 impl std::fmt::Debug for Export {
@@ -446,6 +452,8 @@ impl Export {
             reported: Mutex::new(HashSet::new()),
             stop_scrub: AtomicBool::new(true),
             versions: super::versions::VersionCounts::new(0),
+            cut: Default::default(),
+            gate: Default::default(),
         };
         export.check_len()?;
         Ok((export, problems))
@@ -502,6 +510,8 @@ impl Export {
             reported: Mutex::new(HashSet::new()),
             stop_scrub: AtomicBool::new(false),
             versions: super::versions::VersionCounts::new(0),
+            cut: Default::default(),
+            gate: Default::default(),
         };
         export.check_len()?;
         export.write_headers(&header)?;

@@ -13,6 +13,7 @@ pub mod format;
 mod locks;
 pub mod scrub;
 mod slots;
+pub mod snapshot;
 pub mod spec;
 pub mod sweep;
 pub mod versions;
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use export::{Export, ExportCounters, ExportOptions, IoStats};
+pub use snapshot::{CutStats, DecryptCheckSink, ExportMeta, RestoreSink, Snapshot};
 pub use spec::{ExportName, ExportSpec, Exports, NameError, SizeError};
 
 use crate::crypto::{CryptoError, KeyRing};

@@ -104,6 +104,7 @@ impl Export {
         let nblocks = format::blocks_for(self.size());
         let last = (first + GROUP_BLOCKS).min(nblocks) - 1;
         let n = (last - first + 1) as usize;
+        let _gate = self.request_gate();
         let _g = self.locks().lock(first, last);
         let mut pairs = vec![0u8; n * PAIR_SIZE];
         self.io()
@@ -120,6 +121,7 @@ impl Export {
             .map_err(|source| self.io_err("read", source))?;
         let mut cache = KeyCache::default();
         let mut changed = false;
+        let before = pairs.clone();
         for (i, (pair, blk)) in pairs
             .chunks_exact_mut(PAIR_SIZE)
             .zip(data.chunks_exact(BLOCK_SIZE))
@@ -148,6 +150,9 @@ impl Export {
             }
         }
         if changed {
+            // A rollback keeps each block's valid slot, but the slots change:
+            // a running backup gets the blocks as they were first.
+            self.preserve_for_backup(first, &before, Some(&data));
             self.io()
                 .write_all_at(&pairs, format::pair_offset(first))
                 .map_err(|source| self.io_err("write slots of", source))?;

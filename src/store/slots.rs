@@ -284,6 +284,22 @@ impl Export {
     /// place) when the request is block aligned. With `fua`, the data is
     /// durable when this returns.
     pub fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<IoStats, StoreError> {
+        let _gate = self.request_gate();
+        self.write_ungated(offset, data, fua)
+    }
+
+    /// The request gate, shared: a backup cut (which takes it exclusively)
+    /// happens before or after the whole request, never inside it.
+    pub(super) fn request_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_ungated(
+        &self,
+        offset: u64,
+        data: &mut [u8],
+        fua: bool,
+    ) -> Result<IoStats, StoreError> {
         let mut st = IoStats::default();
         self.check_range(offset, data.len() as u64)?;
         if !data.is_empty() {
@@ -394,6 +410,7 @@ impl Export {
             .map_err(|source| self.io_err("read slots of", source))?;
             let (targets, old_versions) = self.targets(b, &pairs, st)?;
             let old_pairs = pairs.clone();
+            self.preserve_for_backup(b, &old_pairs, None);
             let t = Instant::now();
             for (i, (blk, pair)) in seg
                 .chunks_exact_mut(BLOCK_SIZE)
@@ -540,6 +557,7 @@ impl Export {
         mode: ZeroMode,
         fua: bool,
     ) -> Result<IoStats, StoreError> {
+        let _gate = self.request_gate();
         let mut st = IoStats::default();
         self.check_range(offset, len)?;
         let end = offset + len;
@@ -550,12 +568,12 @@ impl Export {
             let head_end = (full_first * BLOCK_SIZE_U64).min(end);
             if offset < head_end {
                 let mut z = vec![0u8; (head_end - offset) as usize];
-                add(&mut st, self.write(offset, &mut z, false)?);
+                add(&mut st, self.write_ungated(offset, &mut z, false)?);
             }
             let tail_start = (full_end * BLOCK_SIZE_U64).max(head_end);
             if tail_start < end {
                 let mut z = vec![0u8; (end - tail_start) as usize];
-                add(&mut st, self.write(tail_start, &mut z, false)?);
+                add(&mut st, self.write_ungated(tail_start, &mut z, false)?);
             }
         }
         let mut b = full_first;
@@ -595,6 +613,7 @@ impl Export {
             return Ok(());
         }
         let (targets, old_versions) = self.targets(b, &pairs, st)?;
+        self.preserve_for_backup(b, &pairs, None);
         for (i, pair) in pairs.chunks_exact_mut(PAIR_SIZE).enumerate() {
             if pair.iter().all(|&x| x == 0) {
                 continue;

@@ -80,6 +80,8 @@ impl Export {
         {
             return Ok(res);
         }
+        // A request like any write: a backup cut falls before or after it.
+        let _gate = self.request_gate();
         let _g = self.locks.lock(first, last);
         // Under the lock: the truth, including foreground writes that won.
         self.io
