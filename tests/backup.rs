@@ -589,13 +589,28 @@ fn cut_under_fio_full_and_incremental_restore_to_the_image_at_each_cut() {
     let adm = s.admin_socket().display().to_string();
     let uri = s.uri("v");
 
+    let t0 = Instant::now();
     wait_ok(fio_pass(&uri, 1, None, &root), "fio pass 1");
+    eprintln!("{:?}: fio pass 1 done", t0.elapsed());
     let mut reports = vec![];
     for version in [2u8, 3] {
         // The cut is taken while fio writes `version` over `version - 1`
-        // at 64 MiB/s (about 4 s for the export).
-        let fio = fio_pass(&uri, version, Some("64m"), &root);
-        std::thread::sleep(Duration::from_millis(1200));
+        // at 32 MiB/s (about 8 s for the export).
+        let fio = fio_pass(&uri, version, Some("32m"), &root);
+        // Cut once fio is under way (its start-up time varies with load):
+        // the third region already holds the new version.
+        let probe = (2 * REGION) as u64;
+        let want = region_bytes(version, probe);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut c = s.client("v");
+        while c.read(probe, REGION as u32).unwrap().unwrap() != want {
+            assert!(
+                Instant::now() < deadline,
+                "fio pass {version} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        c.disconnect();
         let t = Instant::now();
         let out = cli_ok(
             &s,
@@ -642,11 +657,13 @@ fn cut_under_fio_full_and_incremental_restore_to_the_image_at_each_cut() {
         Some(2),
         "{listed}"
     );
+    eprintln!("{:?}: backups taken", t0.elapsed());
     cli_ok(
         &s,
         &["backup", "verify", "--from", &dest, "--decrypt-check"],
         &[],
     );
+    eprintln!("{:?}: verified", t0.elapsed());
 
     for (i, (new, old)) in [(2u8, 1u8), (3, 2)].into_iter().enumerate() {
         let id = reports[i]["backup_id"].as_str().unwrap().to_string();
@@ -664,7 +681,9 @@ fn cut_under_fio_full_and_incremental_restore_to_the_image_at_each_cut() {
             ],
             &[],
         );
+        eprintln!("{:?}: restored {id}", t0.elapsed());
         let img = read_restored(&dir, &s.kek_file(), "v", &[], &[]);
+        eprintln!("{:?}: read back {id}", t0.elapsed());
         assert_eq!(img.len() as u64, E2E_SIZE);
         let p = check_cut(&img, new, old).unwrap_or_else(|e| panic!("backup {id}: {e}"));
         eprintln!(

@@ -305,13 +305,15 @@ async fn transmission(
                 if let Some((reply, done)) =
                     handler::try_cached_read(&export, req.cookie, req.kind, mode)
                 {
+                    // Recorded before the reply leaves: a client that has
+                    // its reply finds the request counted.
+                    if let Some(o) = &observer {
+                        o.record(&done);
+                    }
                     let _ = tx.send(Outgoing {
                         reply,
                         _permits: Some([slot, mine, budget]),
                     });
-                    if let Some(o) = &observer {
-                        o.record(&done);
-                    }
                     // Let the writer send this reply now rather than after
                     // the whole batch of pipelined requests: the client can
                     // submit its next request while we serve the rest.
@@ -324,13 +326,13 @@ async fn transmission(
             let observer = observer.clone();
             tokio::task::spawn_blocking(move || {
                 let (reply, done) = handler::execute(&export, req.cookie, req.kind, payload, mode);
+                if let Some(o) = &observer {
+                    o.record(&done);
+                }
                 let _ = tx.send(Outgoing {
                     reply,
                     _permits: Some([slot, mine, budget]),
                 });
-                if let Some(o) = &observer {
-                    o.record(&done);
-                }
             });
         }
     }
