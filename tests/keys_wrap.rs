@@ -126,8 +126,16 @@ fn rewrap(s: &Sidecar, endpoint: &str, args: &[&str]) -> Output {
 
 /// `ear-sidecar keys rewrap ARGS`.
 fn keys_rewrap(s: &Sidecar, endpoint: &str, args: &[&str]) -> Output {
+    let mut full = vec!["rewrap"];
+    full.extend(args);
+    keys_cmd(s, endpoint, &full)
+}
+
+/// `ear-sidecar keys ARGS` with the AWS test environment and the sidecar's
+/// KEK location.
+fn keys_cmd(s: &Sidecar, endpoint: &str, args: &[&str]) -> Output {
     let mut c = Command::new(sidecar_bin());
-    c.args(["keys", "rewrap"])
+    c.arg("keys")
         .args(args)
         .env("XDG_CONFIG_HOME", s.config_home());
     for (k, _) in std::env::vars_os() {
@@ -716,5 +724,137 @@ fn online_migration_from_local_then_restart_under_aws() {
     s.stop();
     start(&mut s, &cmk, &[]);
     io_ok(&s, "read -P 0x81 0 1M");
+    s.stop();
+}
+
+/// Rotation, online rewrap and retirement share one writer of keys.json: a
+/// rotation after a rewrap wraps the new version under the new CMK, every
+/// write leaves keys.json sealed, and the revocation canary follows the
+/// active version (so disabling the old CMK does not fail the sidecar closed).
+#[test]
+fn rotate_rewrap_rotate_and_retire_online_then_restart_under_the_new_cmk() {
+    common::require_tool("qemu-io");
+    let moto = moto_or_skip!();
+    let old = create_key(&moto);
+    let new = create_key(&moto);
+    let mut s = sidecar(&moto.endpoint);
+    let opts = [
+        "--kms-check-interval",
+        "1s",
+        "--kms-revocation-grace",
+        "2s",
+        "--reencrypt-rate",
+        "0",
+    ];
+    start(&mut s, &old, &opts);
+    io_ok(&s, "write -P 0x91 0 2M");
+    let admin = s.admin_socket();
+    let admin = admin.to_str().expect("utf-8 path");
+    let keys = |s: &Sidecar, args: &[&str]| -> serde_json::Value {
+        let mut full = args.to_vec();
+        full.extend(["--admin-socket", admin, "--json"]);
+        let o = keys_cmd(s, &moto.endpoint, &full);
+        assert!(
+            o.status.success(),
+            "keys {args:?}: {}\nsidecar log:\n{}",
+            o.both(),
+            s.log()
+        );
+        serde_json::from_str(o.stdout.trim()).expect("--json output")
+    };
+    let sealed = |reg: &serde_json::Value, versions: &[u32]| {
+        let got: Vec<u64> = reg["versions"]
+            .as_array()
+            .expect("versions")
+            .iter()
+            .map(|v| {
+                assert!(v["mac"].is_string(), "version without a mac: {reg:#}");
+                v["version"].as_u64().expect("version")
+            })
+            .collect();
+        let want: Vec<u64> = versions.iter().map(|&v| u64::from(v)).collect();
+        assert_eq!(got, want, "{reg:#}");
+    };
+
+    let path = s.data_dir().join("keys.json");
+    let first = std::fs::read(&path).expect("keys.json");
+    assert_eq!(keys(&s, &["rotate"])["active_version"], 2);
+    io_ok(&s, "write -P 0x92 2M 1M");
+
+    // An authentic older keys.json put back behind the sidecar is not
+    // written over: a rotation from it would reuse version 2.
+    let current = std::fs::read(&path).expect("keys.json");
+    std::fs::write(&path, &first).expect("put the old copy back");
+    let o = keys_cmd(&s, &moto.endpoint, &["rotate", "--admin-socket", admin]);
+    assert!(!o.status.success(), "{}", o.both());
+    assert!(
+        o.stderr.contains("replaced behind the sidecar"),
+        "{}",
+        o.both()
+    );
+    assert_eq!(std::fs::read(&path).expect("keys.json"), first);
+    std::fs::write(&path, &current).expect("restore keys.json");
+    let o = rewrap_online(&s, &moto.endpoint, &["--kms", "aws", "--kms-key-id", &new]);
+    assert!(
+        o.status.success(),
+        "{}\nsidecar log:\n{}",
+        o.both(),
+        s.log()
+    );
+    // The next rotation uses the new CMK and keeps the rewrapped registry.
+    assert_eq!(keys(&s, &["rotate"])["active_version"], 3);
+    let reg = registry_json(&s);
+    assert_eq!(reg["master_key_id"], new.as_str(), "{reg:#}");
+    assert_eq!(reg["active_version"], 3, "{reg:#}");
+    sealed(&reg, &[1, 2, 3]);
+
+    // The sweep moves every block and header to version 3; then 1 and 2 go.
+    let t = Instant::now();
+    loop {
+        let v = keys(&s, &["status"]);
+        let old_blocks: u64 = v["versions"]
+            .as_array()
+            .expect("versions")
+            .iter()
+            .filter(|x| x["version"] != 3)
+            .map(|x| x["blocks"].as_u64().unwrap_or(1))
+            .sum();
+        let headers_moved = v["exports"]
+            .as_array()
+            .expect("exports")
+            .iter()
+            .all(|e| e["header_key_version"] == 3);
+        if v["counts_exact"] == true && old_blocks == 0 && headers_moved {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "sweep: {v:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        keys(&s, &["retire", "1"])["versions"],
+        serde_json::json!([2, 3])
+    );
+    assert_eq!(
+        keys(&s, &["retire", "2"])["versions"],
+        serde_json::json!([3])
+    );
+    let reg = registry_json(&s);
+    assert_eq!(reg["master_key_id"], new.as_str(), "{reg:#}");
+    sealed(&reg, &[3]);
+
+    // The old CMK disabled: the running sidecar checks version 3 under the
+    // new CMK, so it keeps serving.
+    block_on(moto.set_enabled(&old, false));
+    std::thread::sleep(Duration::from_secs(5));
+    let log = s.log();
+    assert!(!log.contains("FAILED CLOSED"), "{log}");
+    assert!(http_status(&s, "/readyz").contains(" 200"));
+    io_ok(&s, "read -P 0x91 0 2M");
+    s.stop();
+
+    // The registry verifies at start-up under the new CMK alone.
+    start(&mut s, &new, &opts);
+    io_ok(&s, "read -P 0x91 0 2M");
+    io_ok(&s, "read -P 0x92 2M 1M");
     s.stop();
 }

@@ -111,11 +111,17 @@ impl ControlPlane {
             .as_ref()
             .ok_or("backups need encryption: this sidecar runs with encryption off")?;
         let registry = crate::keys::registry::Registry::path_in(&self.data_dir);
-        let key_registry = std::fs::read(&registry)
-            .map_err(|err| format!("read the key registry {}: {err}", registry.display()))?;
         let r = async {
             let target = super::backup::open_target(to).await?;
+            // The backup carries keys.json, which must hold every key version
+            // a block in the cut uses: no rotation may land between reading
+            // it and the cut, so the registry writer lock is held until then.
+            let writer = Arc::clone(&self.registry_lock).lock_owned().await;
+            let key_registry = std::fs::read(&registry).map_err(|err| {
+                anyhow::anyhow!("read the key registry {}: {err}", registry.display())
+            })?;
             progress.update(0, 0, "bytes", "taking the cut");
+            let cut_taken = &progress;
             super::backup::take_backup(
                 e,
                 target,
@@ -123,7 +129,10 @@ impl ControlPlane {
                 key_registry,
                 full,
                 incremental,
-                |_| progress.update(0, 0, "bytes", crate::control::BACKUP_CUT_TAKEN),
+                move |_| {
+                    drop(writer);
+                    cut_taken.update(0, 0, "bytes", crate::control::BACKUP_CUT_TAKEN)
+                },
                 &|p| {
                     progress.update(
                         p.bytes,

@@ -140,12 +140,13 @@ impl KeyOps {
     }
 
     /// `keys.json` as on disk, checked against the keys in memory (it must
-    /// still be the file these keys sealed). Call under `registry_lock`.
+    /// still be the file these keys sealed, at their active version). Call
+    /// under `registry_lock`.
     fn load_registry(&self) -> Result<Registry, String> {
         let reg = Registry::load(&self.data_dir)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("{} has no keys.json", self.data_dir.display()))?;
-        reg.verify_seal(&self.ring).map_err(|e| e.to_string())?;
+        reg.verify_current(&self.ring).map_err(|e| e.to_string())?;
         Ok(reg)
     }
 

@@ -147,7 +147,7 @@ pub(crate) async fn rewrap_running(
 ) -> Result<RewrapOutcome> {
     // The file on disk must still be the one these keys sealed.
     let to = Arc::new(validated_target(target).await?);
-    reg.verify_seal(ring)?;
+    reg.verify_current(ring)?;
     let from = Arc::clone(&master.current().provider);
     let out = rewrap(reg, from.as_ref(), &to, ring, progress)
         .await

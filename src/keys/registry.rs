@@ -572,6 +572,26 @@ impl Registry {
         Ok(Seal::Verified)
     }
 
+    /// Checks a registry a running sidecar reads back from disk before it
+    /// writes a new one (rotation, retirement, online rewrap): sealed by
+    /// `ring` ([`Registry::verify_seal`], so it holds no version the ring
+    /// lacks) and with the ring's active version. An authentic older copy put
+    /// back behind the sidecar passes the seal check alone, and a rotation
+    /// from it would give a version number the ring already holds to a new key.
+    pub fn verify_current(&self, ring: &KeyRing) -> Result<Seal, KeyError> {
+        let seal = self.verify_seal(ring)?;
+        let active = ring.snapshot().active;
+        if self.encryption_on && self.active_version != Some(active) {
+            return Err(self.error(format!(
+                "names active key version {}, but the running sidecar writes with version \
+                 {active}: it was replaced behind the sidecar (an older copy?); nothing \
+                 changed: put back the keys.json the sidecar wrote, or restart the sidecar",
+                self.active_version.unwrap_or(0)
+            )));
+        }
+        Ok(seal)
+    }
+
     /// Checks that this directory may be served with the configured mode and
     /// provider: encryption can be neither added nor removed, and the provider
     /// kind and master key must be the ones the directory was initialised with.
@@ -1350,6 +1370,35 @@ mod tests {
         let e = Registry::load(dir.path()).unwrap_err().to_string();
         assert!(
             e.contains("keys.json") && e.contains("not valid JSON"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_older_copy_put_back_is_not_current() {
+        let keys = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let p = kek(keys.path(), "kek");
+        let mut reg = Registry::create(data.path(), true, Some(&p)).await.unwrap();
+        let older = std::fs::read(Registry::path_in(data.path())).unwrap();
+        let ring1 = reg.unwrap_all(&p, 8).await.unwrap();
+        let _ = reg.rotate(&p, &ring1).await.unwrap();
+        let ring = Registry::load(data.path())
+            .unwrap()
+            .unwrap()
+            .unwrap_all(&p, 8)
+            .await
+            .unwrap();
+        let current = Registry::load(data.path()).unwrap().unwrap();
+        assert_eq!(current.verify_current(&ring).unwrap(), Seal::Verified);
+        std::fs::write(Registry::path_in(data.path()), &older).unwrap();
+        let back = Registry::load(data.path()).unwrap().unwrap();
+        // Authentic, so the seal alone verifies ...
+        assert_eq!(back.verify_seal(&ring).unwrap(), Seal::Verified);
+        // ... but it is not the registry these keys are running with.
+        let e = back.verify_current(&ring).unwrap_err().to_string();
+        assert!(
+            e.contains("names active key version 1, but the running sidecar writes with version 2"),
             "{e}"
         );
     }
