@@ -54,7 +54,11 @@ impl Handler for ControlPlane {
                 to,
                 full,
                 incremental,
-            } => self.backup(&export, &to, full, incremental, progress).await,
+                rate,
+            } => {
+                self.backup(&export, &to, full, incremental, rate, progress)
+                    .await
+            }
             Request::KeysRewrap {
                 kms_key_id,
                 kms_endpoint,
@@ -82,6 +86,7 @@ impl ControlPlane {
         to: &str,
         full: bool,
         incremental: bool,
+        rate: Option<u64>,
         progress: Progress,
     ) -> Result<Value, String> {
         let e = self
@@ -105,6 +110,13 @@ impl ControlPlane {
                 key_registry,
                 full,
                 incremental,
+                // Beside the clients this sidecar serves: their request
+                // threads come first.
+                crate::backup::BackupOptions {
+                    rate,
+                    low_priority: true,
+                    ..Default::default()
+                },
                 |_| progress.update(0, 0, "bytes", crate::control::BACKUP_CUT_TAKEN),
                 &|p| {
                     progress.update(

@@ -147,6 +147,20 @@ pub trait BackupTarget: Send + Sync + fmt::Debug {
     /// Stores `data` under `key` atomically and durably, refusing to replace
     /// an existing object: the commit point of a backup.
     async fn publish(&self, key: &ObjectKey, data: Bytes) -> Result<(), TargetError>;
+    /// Stores `data` under `key` like [`BackupTarget::put`] (complete or
+    /// absent, whatever happens), but the object's *name* need only be
+    /// durable once [`BackupTarget::sync_staged`] returns. Lets a target
+    /// batch its durability work over a whole backup (the local target syncs
+    /// each directory once instead of once per object). Default: `put`.
+    async fn put_staged(&self, key: &ObjectKey, data: Bytes) -> Result<(), TargetError> {
+        self.put(key, data).await
+    }
+    /// Makes every object stored with [`BackupTarget::put_staged`] so far
+    /// durable. A backup calls it before it publishes its manifest.
+    /// Default: nothing to do (every `put` is durable when it returns).
+    async fn sync_staged(&self) -> Result<(), TargetError> {
+        Ok(())
+    }
 }
 
 /// A parsed backup destination.
