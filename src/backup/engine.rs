@@ -694,4 +694,23 @@ mod tests {
         let got: Vec<u64> = select(recs, &take).iter().map(|r| r.index()).collect();
         assert_eq!(got, vec![2, 3, 7]);
     }
+
+    #[test]
+    fn pacer_bounds_the_rate() {
+        let t = Instant::now();
+        let mut p = Pacer::new(Some(10 << 20));
+        for _ in 0..(3 << 20) / 4096 {
+            p.take(4096);
+        }
+        // 3 MiB at 10 MiB/s: 0.3 s less the 0.1 s burst.
+        assert!(
+            t.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            t.elapsed()
+        );
+        let t = Instant::now();
+        let mut p = Pacer::new(None);
+        p.take(u64::MAX);
+        assert!(t.elapsed() < Duration::from_millis(100));
+    }
 }

@@ -14,7 +14,7 @@ pub struct LocalTarget {
     root: PathBuf,
     /// Directories holding names created by `put_staged` and not yet
     /// synced (shared by clones: the blocking tasks work on clones).
-    unsynced: Arc<std::sync::Mutex<std::collections::BTreeSet<PathBuf>>>,
+    pub(super) unsynced: Arc<std::sync::Mutex<std::collections::BTreeSet<PathBuf>>>,
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TargetError {

@@ -318,6 +318,21 @@ mod tests {
         t.delete(&k).await.unwrap();
         t.delete(&k).await.unwrap();
         assert!(!t.exists(&k).await.unwrap());
+        // Staged objects are complete and visible at once; sync makes their
+        // names durable (once per directory, then nothing is left to sync).
+        let s = ObjectKey::parse("objects/bb").unwrap();
+        t.put_staged(&s, Bytes::from_static(b"staged"))
+            .await
+            .unwrap();
+        assert_eq!(&t.get(&s).await.unwrap()[..], b"staged");
+        assert_eq!(t.unsynced.lock().unwrap().len(), 1);
+        t.sync_staged().await.unwrap();
+        assert!(t.unsynced.lock().unwrap().is_empty());
+        // An object a backup re-uses instead of storing is synced too.
+        assert!(t.exists(&s).await.unwrap());
+        assert_eq!(t.unsynced.lock().unwrap().len(), 1);
+        t.sync_staged().await.unwrap();
+        t.delete(&s).await.unwrap();
         // Reopening removes stale temporaries.
         drop(t);
         LocalTarget::open(dir.path().join("b")).await.unwrap();
