@@ -1,4 +1,5 @@
-//! The local-directory target: temp file, fsync, rename, fsync directory.
+//! The local-directory target: temp file, fsync, rename, fsync directory
+//! (for a backup's objects: once per directory, before the manifest).
 
 use async_trait::async_trait;
 use bytes::Bytes;

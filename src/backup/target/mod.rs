@@ -6,6 +6,8 @@
 //!   complete, whatever crashes mid-way (local: temp file, fsync, rename,
 //!   fsync directory; S3: an object or a completed multipart upload appears
 //!   atomically). `publish` also refuses to replace an existing object.
+//!   `put_staged` is `put` whose name may become durable only at the next
+//!   `sync_staged` (the local target then syncs each directory once).
 //! * `list` shows only complete objects (never temp files or unfinished
 //!   multipart uploads), with their size and modification time.
 //! * `get` of a missing object is [`TargetError::NotFound`].
