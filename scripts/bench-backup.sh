@@ -14,13 +14,13 @@
 #     p50/p99/p99.9 write latency, and the pause of every cut.
 #
 # Needs root (drop_caches), fio, bc, a release build (cargo build --release).
-# Usage: [BASE_BIN=old-binary] [RATE=200M] scripts/bench-backup.sh [SIZE_MIB=1024] [ROUNDS=3] [RUNTIME=20]
+# Usage: [BIN=new-binary] [BASE_BIN=old-binary] [RATE=200M] scripts/bench-backup.sh [SIZE_MIB=1024] [ROUNDS=3] [RUNTIME=20]
 set -euo pipefail
 SIZE_MIB=${1:-1024}
 ROUNDS=${2:-3}
 RUNTIME=${3:-20}
 RATE=${RATE:-200M}
-BIN=${EAR_BIN:-$(dirname "$0")/../target/release/ear-sidecar}
+BIN=${BIN:-$(dirname "$0")/../target/release/ear-sidecar}
 BIN=$(readlink -f "$BIN")
 BASE_BIN=${BASE_BIN:+$(readlink -f "$BASE_BIN")}
 W=$(mktemp -d /var/tmp/ear-bench-backup.XXXXXX)
