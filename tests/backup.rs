@@ -77,6 +77,7 @@ fn opts() -> BackupOptions {
         window_blocks: 64,
         min_chunk_bytes: 64 * 4096,
         parallel: 3,
+        ..BackupOptions::default()
     }
 }
 

@@ -325,6 +325,7 @@ pub async fn take_backup(
     key_registry: Vec<u8>,
     full: bool,
     incremental: bool,
+    options: BackupOptions,
     on_cut: impl FnOnce(&store::CutStats),
     progress: &(dyn Fn(&backup::Progress) + Send + Sync),
 ) -> Result<TakeReport> {
@@ -341,7 +342,7 @@ pub async fn take_backup(
         parent: parent.clone(),
         key_registry,
         keys: &keys,
-        options: BackupOptions::default(),
+        options,
     };
     let destination = target.describe();
     let (_, stats) = backup::backup(target, snap, req, progress).await?;
@@ -390,6 +391,7 @@ async fn take_online(a: &BackupTakeArgs, sock: &Path, name: &str, dest: &str) ->
         to,
         full: a.full,
         incremental: a.incremental,
+        rate: a.rate,
     };
     let rep = super::report::Reporter::new(a.json);
     if let Some(h) = &a.freeze_hook {
@@ -493,6 +495,10 @@ async fn take_offline(
         registry_bytes,
         a.full,
         a.incremental,
+        BackupOptions {
+            rate: a.rate,
+            ..BackupOptions::default()
+        },
         thaw,
         &|p| bar.update(p),
     )

@@ -61,7 +61,11 @@ impl Handler for ControlPlane {
                 to,
                 full,
                 incremental,
-            } => self.backup(&export, &to, full, incremental, progress).await,
+                rate,
+            } => {
+                self.backup(&export, &to, full, incremental, rate, progress)
+                    .await
+            }
             Request::KeysRewrap {
                 kms_key_id,
                 kms_endpoint,
@@ -100,6 +104,7 @@ impl ControlPlane {
         to: &str,
         full: bool,
         incremental: bool,
+        rate: Option<u64>,
         progress: Progress,
     ) -> Result<Value, String> {
         let e = self
@@ -129,6 +134,13 @@ impl ControlPlane {
                 key_registry,
                 full,
                 incremental,
+                // Beside the clients this sidecar serves: their request
+                // threads come first.
+                crate::backup::BackupOptions {
+                    rate,
+                    low_priority: true,
+                    ..Default::default()
+                },
                 move |_| {
                     drop(writer);
                     cut_taken.update(0, 0, "bytes", crate::control::BACKUP_CUT_TAKEN)

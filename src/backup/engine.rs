@@ -39,6 +39,13 @@ pub struct BackupOptions {
     pub min_chunk_bytes: usize,
     /// Objects transferred at once (default 4).
     pub parallel: usize,
+    /// Upper bound on the export bytes (slots and ciphertext) read per
+    /// second, so a backup leaves disk and CPU to the foreground; `None`
+    /// reads as fast as the pipeline goes.
+    pub rate: Option<u64>,
+    /// Run the backup's reader and encoders at a lower CPU priority (nice
+    /// 10), so a sidecar's request threads win the cores when both want them.
+    pub low_priority: bool,
 }
 
 impl Default for BackupOptions {
@@ -47,6 +54,8 @@ impl Default for BackupOptions {
             window_blocks: 4096,
             min_chunk_bytes: 4 << 20,
             parallel: 4,
+            rate: None,
+            low_priority: false,
         }
     }
 }
@@ -196,7 +205,10 @@ pub async fn backup<S: BlockSource + 'static>(
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<ChunkBuilder>(2);
     let opts = req.options.clone();
-    let producer = tokio::task::spawn_blocking(move || produce(source, base, blocks, &opts, tx));
+    let low = opts.low_priority;
+    let producer = on_thread("ear-backup-read", low, move || {
+        produce(source, base, blocks, &opts, tx)
+    })?;
 
     let parallel = req.options.parallel.max(1);
     let mut uploads = tokio::task::JoinSet::new();
@@ -253,9 +265,10 @@ pub async fn backup<S: BlockSource + 'static>(
         let this = seq;
         seq += 1;
         uploads.spawn(async move {
-            // Encoding and hashing run on the blocking pool, beside the
-            // reader and the other chunks, not on the reading thread.
-            let chunk = tokio::task::spawn_blocking(move || builder.finish())
+            // Encoding and hashing run on threads of their own, beside the
+            // reader and the other chunks, not on the reading thread (nor on
+            // the blocking pool a sidecar's requests use).
+            let chunk = on_thread("ear-backup-hash", low, move || builder.finish())?
                 .await
                 .map_err(|e| BackupError::Invalid(format!("chunk encoder failed: {e}")))?
                 .ok_or_else(|| BackupError::Invalid("empty chunk".into()))?;
@@ -271,7 +284,7 @@ pub async fn backup<S: BlockSource + 'static>(
             if t.exists(&key).await? {
                 return Ok((this, cref, false, chunk.records));
             }
-            t.put(&key, chunk.bytes).await?;
+            t.put_staged(&key, chunk.bytes).await?;
             Ok((this, cref, true, chunk.records))
         });
     }
@@ -282,14 +295,18 @@ pub async fn backup<S: BlockSource + 'static>(
     let chunks: Vec<ChunkRef> = chunks.into_iter().map(|(_, c)| c).collect();
     let index = producer
         .await
-        .map_err(|e| BackupError::Invalid(format!("backup reader task failed: {e}")))??;
+        .map_err(|_| BackupError::Invalid("backup reader thread failed".into()))??;
 
     // The slot index, then the manifest (the commit point).
     let ix_bytes = index.encode();
     let ix_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&ix_bytes));
     let ix_len = ix_bytes.len() as u64;
-    target.put(&ObjectKey::object(&ix_sha)?, ix_bytes).await?;
+    target
+        .put_staged(&ObjectKey::object(&ix_sha)?, ix_bytes)
+        .await?;
     stats.bytes_uploaded += ix_len;
+    // Every object the manifest names is durable before the manifest is.
+    target.sync_staged().await?;
 
     let recs: u64 = chunks.iter().map(ChunkRef::records).sum();
     let data: u64 = chunks.iter().map(|c| c.data_blocks).sum();
@@ -329,7 +346,59 @@ pub async fn backup<S: BlockSource + 'static>(
     Ok((m, stats))
 }
 
-/// The reading side of a backup, on a blocking thread: pulls changed blocks
+/// Runs `f` on a thread of its own, at nice 10 when `low` (a thread's nice
+/// value is its own on Linux, so nothing else is slowed); the result comes
+/// back through the receiver (closed if `f` panics).
+fn on_thread<T: Send + 'static>(
+    name: &str,
+    low: bool,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<tokio::sync::oneshot::Receiver<T>, BackupError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if low {
+                // Best effort: raising one's own nice value needs no
+                // privilege; failing leaves the normal priority.
+                let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
+            }
+            let _ = tx.send(f());
+        })
+        .map_err(|e| BackupError::Invalid(format!("start a backup thread: {e}")))?;
+    Ok(rx)
+}
+
+/// Paces a reader to at most `rate` bytes per second (token bucket with a
+/// burst of a tenth of a second).
+struct Pacer {
+    rate: Option<u64>,
+    start: Instant,
+    bytes: u64,
+}
+
+impl Pacer {
+    fn new(rate: Option<u64>) -> Self {
+        Self {
+            rate: rate.filter(|&r| r > 0),
+            start: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    /// Accounts `n` bytes read; sleeps while ahead of the rate.
+    fn take(&mut self, n: u64) {
+        let Some(rate) = self.rate else { return };
+        self.bytes = self.bytes.saturating_add(n);
+        let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+        let ahead = due.saturating_sub(self.start.elapsed());
+        if ahead > Duration::from_millis(100) {
+            std::thread::sleep(ahead - Duration::from_millis(100));
+        }
+    }
+}
+
+/// The reading side of a backup, on a thread of its own: pulls changed blocks
 /// from the source, packs them into chunks, hands them to the uploader, and
 /// returns the slot index at the cut.
 fn produce<S: BlockSource>(
@@ -349,6 +418,7 @@ fn produce<S: BlockSource>(
     let mut builder = ChunkBuilder::new();
     let mut window: Option<u64> = None;
     let mut prev: Option<u64> = None;
+    let mut pacer = Pacer::new(opts.rate);
     // The index is updated in place: the source only compares blocks after
     // the one it yielded last, which this loop has not changed yet.
     while let Some(rec) = source.next_changed(&index).map_err(BackupError::Source)? {
@@ -364,6 +434,11 @@ fn produce<S: BlockSource>(
             send(std::mem::take(&mut builder))?;
         }
         window = Some(w);
+        pacer.take(if rec.data().is_some() {
+            (BLOCK_SIZE + super::SLOT_LEN) as u64
+        } else {
+            super::SLOT_LEN as u64
+        });
         index.set(i, rec.slot());
         builder
             .push(rec)
@@ -618,5 +693,24 @@ mod tests {
         let take = vec![BlockRun { start: 2, len: 2 }, BlockRun { start: 7, len: 1 }];
         let got: Vec<u64> = select(recs, &take).iter().map(|r| r.index()).collect();
         assert_eq!(got, vec![2, 3, 7]);
+    }
+
+    #[test]
+    fn pacer_bounds_the_rate() {
+        let t = Instant::now();
+        let mut p = Pacer::new(Some(10 << 20));
+        for _ in 0..(3 << 20) / 4096 {
+            p.take(4096);
+        }
+        // 3 MiB at 10 MiB/s: 0.3 s less the 0.1 s burst.
+        assert!(
+            t.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            t.elapsed()
+        );
+        let t = Instant::now();
+        let mut p = Pacer::new(None);
+        p.take(u64::MAX);
+        assert!(t.elapsed() < Duration::from_millis(100));
     }
 }

@@ -60,7 +60,9 @@ impl SlotIndex {
     /// True when `slot` is the slot this index recorded for `block`: the block
     /// did not change and a backup need not carry it again.
     pub fn unchanged(&self, block: u64, slot: &Slot) -> bool {
-        self.get(block) == Some(slot.fingerprint())
+        // Hash the slot only when there is something to compare it with (a
+        // full backup's base holds nothing).
+        self.get(block).is_some_and(|f| f == slot.fingerprint())
     }
 
     /// Records `slot` as the slot of `block`. Blocks beyond the end are ignored

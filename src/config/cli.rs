@@ -463,6 +463,11 @@ pub struct BackupTakeArgs {
     #[arg(long, value_name = "CMD")]
     pub freeze_hook: Option<String>,
 
+    /// Read at most SIZE bytes of the export per second (e.g. 200M), to
+    /// bound the backup's effect on the sidecar's clients; default: no limit
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub rate: Option<u64>,
+
     /// Print one JSON object instead of text
     #[arg(long)]
     pub json: bool,

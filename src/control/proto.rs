@@ -42,6 +42,9 @@ pub enum Request {
         /// Require a parent.
         #[serde(default)]
         incremental: bool,
+        /// Export bytes read per second at most (no limit when absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rate: Option<u64>,
     },
     /// Re-wrap every universe-key version under a new AWS KMS CMK.
     KeysRewrap {

@@ -681,6 +681,51 @@ pub struct RestoreSink {
     run_pairs: Vec<u8>,
     run_data: Vec<u8>,
     blocks: u64,
+    /// Bytes written since the flusher was last woken.
+    unflushed: usize,
+    flusher: Option<Flusher>,
+}
+
+/// Writes a restored file back while the restore goes on: a thread that
+/// runs `fdatasync` whenever woken, so the disk writes overlap the reading
+/// of the backup instead of all waiting for the final fsync (page-cache
+/// writeback would otherwise start only at the dirty-memory threshold).
+#[derive(Debug)]
+struct Flusher {
+    wake: std::sync::mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+/// Written bytes after which the flusher is woken.
+const FLUSH_EVERY: usize = 64 << 20;
+
+impl Flusher {
+    fn start(f: &File) -> std::io::Result<Self> {
+        let f = f.try_clone()?;
+        let (wake, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("ear-restore-flush".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    f.sync_data()?;
+                }
+                Ok(())
+            })?;
+        Ok(Self { wake, thread })
+    }
+
+    /// Asks for a write-back; a pending request already covers this one.
+    fn kick(&self) {
+        let _ = self.wake.try_send(());
+    }
+
+    /// Stops the thread and returns its first error.
+    fn stop(self) -> std::io::Result<()> {
+        drop(self.wake);
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("restore flusher panicked")))
+    }
 }
 
 impl RestoreSink {
@@ -700,6 +745,8 @@ impl RestoreSink {
             run_pairs: Vec::new(),
             run_data: Vec::new(),
             blocks: 0,
+            unflushed: 0,
+            flusher: None,
         }
     }
 
@@ -711,8 +758,16 @@ impl RestoreSink {
         let first = self.run_first;
         // A run never crosses a group: its pairs and data are contiguous.
         f.write_all_at(&self.run_pairs, format::pair_offset(first))?;
+        self.unflushed += self.run_pairs.len();
         if self.run_data.iter().any(|&x| x != 0) {
             f.write_all_at(&self.run_data, format::data_offset(first))?;
+            self.unflushed += self.run_data.len();
+        }
+        if self.unflushed >= FLUSH_EVERY {
+            self.unflushed = 0;
+            if let Some(fl) = &self.flusher {
+                fl.kick();
+            }
         }
         self.run_pairs.clear();
         self.run_data.clear();
@@ -774,6 +829,10 @@ impl BlockSink for RestoreSink {
         };
         f.set_len(format::file_len_for(info.export_size))
             .map_err(|e| format!("size {}: {e}", self.tmp.display()))?;
+        self.flusher = Some(
+            Flusher::start(&f)
+                .map_err(|e| format!("start writing back {}: {e}", self.tmp.display()))?,
+        );
         self.file = Some(f);
         self.max_epoch = meta.epoch;
         self.header = Some(header);
@@ -829,6 +888,10 @@ impl BlockSink for RestoreSink {
 
     fn finish(&mut self) -> Result<(), DynError> {
         self.flush_run()?;
+        if let Some(fl) = self.flusher.take() {
+            fl.stop()
+                .map_err(|e| format!("write back {}: {e}", self.tmp.display()))?;
+        }
         let mut header = self.header.clone().ok_or("finish before begin")?;
         // Every epoch a restored slot used, and every epoch the source had
         // reserved, stays used: the next start reserves one above.
@@ -1018,6 +1081,7 @@ mod tests {
                 window_blocks: 64,
                 min_chunk_bytes: 1 << 16,
                 parallel: 2,
+                ..BackupOptions::default()
             },
         };
         let (m, _) = crate::backup::backup(Arc::clone(target), snap, req, &|_| {})

@@ -1,4 +1,5 @@
-//! The local-directory target: temp file, fsync, rename, fsync directory.
+//! The local-directory target: temp file, fsync, rename, fsync directory
+//! (for a backup's objects: once per directory, before the manifest).
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -12,6 +13,9 @@ use super::*;
 #[derive(Debug, Clone)]
 pub struct LocalTarget {
     root: PathBuf,
+    /// Directories holding names created by `put_staged` and not yet
+    /// synced (shared by clones: the blocking tasks work on clones).
+    pub(super) unsynced: Arc<std::sync::Mutex<std::collections::BTreeSet<PathBuf>>>,
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TargetError {
@@ -44,7 +48,10 @@ impl LocalTarget {
                 let _ = std::fs::remove_file(&p);
             }
             sync_dir(&root)?;
-            Ok(Self { root })
+            Ok(Self {
+                root,
+                unsynced: Arc::default(),
+            })
         })
         .await
     }
@@ -95,7 +102,21 @@ impl LocalTarget {
         Ok(parent)
     }
 
+    /// Writes an object: its content is durable before its name appears, so
+    /// a name always means a complete object; the name itself is durable
+    /// when this returns, or, for `sync_parent == false`, once the parent is
+    /// synced (the caller records it).
     fn put_sync(&self, key: &ObjectKey, data: &[u8], replace: bool) -> Result<(), TargetError> {
+        let parent = self.put_unsynced(key, data, replace)?;
+        sync_dir(&parent)
+    }
+
+    fn put_unsynced(
+        &self,
+        key: &ObjectKey,
+        data: &[u8],
+        replace: bool,
+    ) -> Result<PathBuf, TargetError> {
         let dst = self.path(key);
         let parent = self.ensure_parent(&dst)?;
         let tmp = self.write_temp(data)?;
@@ -133,7 +154,7 @@ impl LocalTarget {
             let _ = std::fs::remove_file(&tmp);
         }
         res?;
-        sync_dir(&parent)
+        Ok(parent)
     }
 
     fn list_sync(&self, prefix: &str) -> Result<Vec<ObjectInfo>, TargetError> {
@@ -207,8 +228,20 @@ impl BackupTarget for LocalTarget {
 
     async fn exists(&self, key: &ObjectKey) -> Result<bool, TargetError> {
         let p = self.path(key);
+        let unsynced = Arc::clone(&self.unsynced);
         blocking(move || match std::fs::metadata(&p) {
-            Ok(m) => Ok(m.is_file()),
+            Ok(m) => {
+                // A backup may now reference this object instead of
+                // storing it: its name, perhaps made by a backup that died
+                // before syncing, must be durable before that manifest is.
+                if let Some(d) = p.parent().filter(|_| m.is_file()) {
+                    unsynced
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(d.to_path_buf());
+                }
+                Ok(m.is_file())
+            }
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
             Err(e) => Err(io("checking", &p)(e)),
         })
@@ -236,5 +269,37 @@ impl BackupTarget for LocalTarget {
     async fn publish(&self, key: &ObjectKey, data: Bytes) -> Result<(), TargetError> {
         let (t, k) = (self.clone(), key.clone());
         blocking(move || t.put_sync(&k, &data, false)).await
+    }
+
+    async fn put_staged(&self, key: &ObjectKey, data: Bytes) -> Result<(), TargetError> {
+        let (t, k) = (self.clone(), key.clone());
+        blocking(move || {
+            let parent = t.put_unsynced(&k, &data, true)?;
+            t.unsynced
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(parent);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn sync_staged(&self) -> Result<(), TargetError> {
+        let t = self.clone();
+        blocking(move || {
+            let dirs = std::mem::take(&mut *t.unsynced.lock().unwrap_or_else(|p| p.into_inner()));
+            for (i, d) in dirs.iter().enumerate() {
+                if let Err(e) = sync_dir(d) {
+                    // Still unsynced: a retry syncs them again.
+                    t.unsynced
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(dirs.iter().skip(i).cloned());
+                    return Err(e);
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 }

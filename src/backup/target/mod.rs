@@ -6,6 +6,8 @@
 //!   complete, whatever crashes mid-way (local: temp file, fsync, rename,
 //!   fsync directory; S3: an object or a completed multipart upload appears
 //!   atomically). `publish` also refuses to replace an existing object.
+//!   `put_staged` is `put` whose name may become durable only at the next
+//!   `sync_staged` (the local target then syncs each directory once).
 //! * `list` shows only complete objects (never temp files or unfinished
 //!   multipart uploads), with their size and modification time.
 //! * `get` of a missing object is [`TargetError::NotFound`].
@@ -147,6 +149,20 @@ pub trait BackupTarget: Send + Sync + fmt::Debug {
     /// Stores `data` under `key` atomically and durably, refusing to replace
     /// an existing object: the commit point of a backup.
     async fn publish(&self, key: &ObjectKey, data: Bytes) -> Result<(), TargetError>;
+    /// Stores `data` under `key` like [`BackupTarget::put`] (complete or
+    /// absent, whatever happens), but the object's *name* need only be
+    /// durable once [`BackupTarget::sync_staged`] returns. Lets a target
+    /// batch its durability work over a whole backup (the local target syncs
+    /// each directory once instead of once per object). Default: `put`.
+    async fn put_staged(&self, key: &ObjectKey, data: Bytes) -> Result<(), TargetError> {
+        self.put(key, data).await
+    }
+    /// Makes every object stored with [`BackupTarget::put_staged`] so far
+    /// durable. A backup calls it before it publishes its manifest.
+    /// Default: nothing to do (every `put` is durable when it returns).
+    async fn sync_staged(&self) -> Result<(), TargetError> {
+        Ok(())
+    }
 }
 
 /// A parsed backup destination.
@@ -304,6 +320,21 @@ mod tests {
         t.delete(&k).await.unwrap();
         t.delete(&k).await.unwrap();
         assert!(!t.exists(&k).await.unwrap());
+        // Staged objects are complete and visible at once; sync makes their
+        // names durable (once per directory, then nothing is left to sync).
+        let s = ObjectKey::parse("objects/bb").unwrap();
+        t.put_staged(&s, Bytes::from_static(b"staged"))
+            .await
+            .unwrap();
+        assert_eq!(&t.get(&s).await.unwrap()[..], b"staged");
+        assert_eq!(t.unsynced.lock().unwrap().len(), 1);
+        t.sync_staged().await.unwrap();
+        assert!(t.unsynced.lock().unwrap().is_empty());
+        // An object a backup re-uses instead of storing is synced too.
+        assert!(t.exists(&s).await.unwrap());
+        assert_eq!(t.unsynced.lock().unwrap().len(), 1);
+        t.sync_staged().await.unwrap();
+        t.delete(&s).await.unwrap();
         // Reopening removes stale temporaries.
         drop(t);
         LocalTarget::open(dir.path().join("b")).await.unwrap();
