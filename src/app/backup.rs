@@ -653,11 +653,14 @@ async fn restore(a: &RestoreArgs) -> Result<()> {
     // is written; the keys move to it once the blocks are restored.
     let new_cmk = match &a.kms_key_id {
         Some(id) => Some(
-            super::keys_wrap::validated_target(&crate::config::KmsConfig::Aws {
-                key_id: id.clone(),
-                endpoint: a.keys.kms_endpoint.clone(),
-                region: a.keys.kms_region.clone(),
-            })
+            super::keys_wrap::validated_target(
+                &crate::config::KmsConfig::Aws {
+                    key_id: id.clone(),
+                    endpoint: a.keys.kms_endpoint.clone(),
+                    region: a.keys.kms_region.clone(),
+                },
+                "rewrap",
+            )
             .await?,
         ),
         None => None,
