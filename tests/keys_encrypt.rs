@@ -96,6 +96,22 @@ fn decrypt(sc: &Sidecar, export: &str) -> (Vec<u8>, Value) {
     (std::fs::read(&out_file).unwrap(), seen)
 }
 
+/// GET /metrics.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
 fn encrypt_args(sc: &Sidecar) -> Vec<String> {
     vec![
         "keys".into(),
@@ -196,7 +212,7 @@ fn online_encrypt_under_fio_leaves_no_plaintext() {
     require_tool("qemu-io");
     require_tool("nbdcopy");
     require_python_cryptography();
-    let mut sc = Sidecar::start(&[
+    let mut sc = Sidecar::new_stopped(&[
         "--export",
         "a=16M",
         "--export",
@@ -204,6 +220,12 @@ fn online_encrypt_under_fio_leaves_no_plaintext() {
         "--encryption",
         "off",
     ]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    sc.set_metrics_addr(&format!("127.0.0.1:{port}"));
+    sc.start_again();
     fill_with_marker(&sc, "b", SIZE_B, TRIM_AT, TRIM_LEN);
     // Export a: the marker where fio does not write (its first 16 KiB are
     // rewritten by fio, the rest stays as the marker until the sweep).
@@ -275,6 +297,21 @@ fn online_encrypt_under_fio_leaves_no_plaintext() {
         assert!(e["blocks_by_version"].get("0").is_none(), "{v:#}");
     }
     assert!(read_export(&sc, "b", "b.after") == want_b);
+    // The metrics gained the keys and the sweep without a restart.
+    let text = scrape(sc.metrics_addr());
+    for line in [
+        "ear_key_versions_loaded 1",
+        "ear_key_version_blocks{export=\"b\",version=\"1\"} 1984",
+        "ear_sweep_remaining_blocks 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+    }
+    assert!(
+        text.lines().any(|l| l.starts_with("ear_build_info{")
+            && l.contains("encryption=\"on\"")
+            && l.ends_with(" 1")),
+        "{text}"
+    );
     let live_a = read_export(&sc, "a", "a.live");
     sc.stop();
 

@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 
 use crate::control::{Handler, Progress, Request};
 use crate::crypto::KeyRing;
+use crate::keys::aws::KmsCallStats;
 use crate::keys::revocation::WatchedKey;
+use crate::store::sweep::Sweeper;
 use crate::store::Store;
 
 /// What control requests act on: the running sidecar's state.
@@ -37,9 +39,10 @@ pub struct ControlPlane {
     pub registry_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// What [`ControlPlane::on_encrypted`] is given: the master key and the
-/// new key ring.
-pub type OnEncrypted = Arc<dyn Fn(&Arc<WatchedKey>, &Arc<KeyRing>) + Send + Sync>;
+/// What [`ControlPlane::on_encrypted`] is given: the master key, the new
+/// key ring, the sweep and (AWS KMS) the provider's call counters.
+pub type OnEncrypted =
+    Arc<dyn Fn(&Arc<WatchedKey>, &Arc<KeyRing>, &Sweeper, Option<Arc<KmsCallStats>>) + Send + Sync>;
 
 /// A running sidecar's keys. Each is set once (at start-up when the data
 /// directory is encrypted, or by `keys encrypt`) and never unset.

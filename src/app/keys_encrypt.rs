@@ -33,6 +33,7 @@ use crate::config::{EncryptArgs, KmsKind, ValidateKeyArgs};
 use crate::control::proto::EncryptProvider;
 use crate::control::{Progress, ProgressUpdate, Request};
 use crate::crypto::KeyRing;
+use crate::keys::aws::KmsCallStats;
 use crate::keys::local::LocalProvider;
 use crate::keys::registry::Registry;
 use crate::keys::revocation::{Canary, WatchedKey};
@@ -108,7 +109,10 @@ fn provider_of(args: &EncryptArgs) -> Result<EncryptProvider> {
 /// is read or created 0600 (refused inside the data directory unless
 /// insecure trials are asked for); an AWS KMS key passes the `validate-key`
 /// checks.
-async fn open_provider(p: &EncryptProvider, data_dir: &Path) -> Result<Arc<dyn KeyProvider>> {
+async fn open_provider(
+    p: &EncryptProvider,
+    data_dir: &Path,
+) -> Result<(Arc<dyn KeyProvider>, Option<Arc<KmsCallStats>>)> {
     match p {
         EncryptProvider::Local {
             kek_file,
@@ -134,9 +138,12 @@ async fn open_provider(p: &EncryptProvider, data_dir: &Path) -> Result<Arc<dyn K
                         .with_context(|| format!("create the KEK's directory {}", dir.display()))?;
                 }
             }
-            Ok(Arc::new(
-                LocalProvider::open_or_create(&kek, true)
-                    .with_context(|| format!("local key-encryption key {}", kek.display()))?,
+            Ok((
+                Arc::new(
+                    LocalProvider::open_or_create(&kek, true)
+                        .with_context(|| format!("local key-encryption key {}", kek.display()))?,
+                ),
+                None,
             ))
         }
         EncryptProvider::Aws {
@@ -151,9 +158,9 @@ async fn open_provider(p: &EncryptProvider, data_dir: &Path) -> Result<Arc<dyn K
                 kms_startup_timeout: Duration::from_secs(60),
             }
             .kms_config()?;
-            Ok(Arc::new(
-                super::keys_wrap::validated_target(&target, "encrypt").await?,
-            ))
+            let p = super::keys_wrap::validated_target(&target, "encrypt").await?;
+            let stats = p.stats();
+            Ok((Arc::new(p), Some(stats)))
         }
     }
 }
@@ -252,7 +259,7 @@ pub(crate) async fn encrypt_online(
             dir.display()
         ));
     }
-    let p = open_provider(&provider, dir).await.map_err(err)?;
+    let (p, kms_stats) = open_provider(&provider, dir).await.map_err(err)?;
     let ops = {
         let _writer = plane.registry_lock.lock().await;
         if plane.keys().is_some() {
@@ -295,7 +302,7 @@ pub(crate) async fn encrypt_online(
         ));
         let _ = plane.live.key_ops.set(Arc::clone(&ops));
         if let Some(f) = &plane.on_encrypted {
-            f(&watched, &ring);
+            f(&watched, &ring, ops.sweeper(), kms_stats);
         }
         tracing::info!(data_dir = %dir.display(), provider = ops_provider(&provider),
             "encryption switched on; the sweep re-encrypts the plaintext blocks");
@@ -380,7 +387,7 @@ fn offline(dir: &Path, provider: &EncryptProvider, rep: &Reporter) -> Result<Val
         .ok_or_else(|| anyhow!("key registry has a malformed dir_id"))?;
     let rt = super::runtime()?;
     rt.block_on(async {
-        let p = open_provider(provider, dir).await?;
+        let (p, _) = open_provider(provider, dir).await?;
         let ring = Arc::new(switch_registry(dir, &mut reg, p.as_ref(), 1024).await?);
         SweepFile::set_paused(dir, false)?;
         // Opening with the keys switches every plaintext header.

@@ -51,6 +51,8 @@ pub struct App {
     control: Option<UnixListener>,
     watched: Option<Arc<WatchedKey>>,
     keys: Option<Arc<KeyRing>>,
+    /// The metrics layer (`None` when `--metrics-addr` is empty).
+    metrics: Option<Arc<Metrics>>,
     /// The keys as they are now (`keys encrypt` sets them on a sidecar
     /// started with encryption off).
     live: Arc<control::LiveKeys>,
@@ -269,6 +271,7 @@ impl App {
             shared,
             listener,
             control,
+            metrics,
             live: Arc::new(control::LiveKeys::new(
                 keys.clone(),
                 key_ops,
@@ -316,6 +319,7 @@ impl App {
                     Arc::clone(&self.health),
                     stop_late_watcher.subscribe(),
                     Arc::clone(&late_watchers),
+                    self.metrics.clone(),
                 )),
                 kms_endpoint: match &self.cfg.kms {
                     Some(KmsConfig::Aws { endpoint, .. }) => endpoint.clone(),
@@ -733,40 +737,52 @@ fn on_encrypted(
     health: Arc<Health>,
     stop: tokio::sync::watch::Receiver<bool>,
     handles: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    metrics: Option<Arc<Metrics>>,
 ) -> control::OnEncrypted {
     let (interval, grace) = (cfg.kms_check_interval, cfg.kms_revocation_grace);
-    Arc::new(move |watched: &Arc<WatchedKey>, ring: &Arc<KeyRing>| {
-        health.watch_key_ring(Arc::clone(ring));
-        health.watch_revocation(Arc::clone(&state));
-        if watched.current().provider.kind() != "aws" {
-            return;
-        }
-        tracing::info!(
-            interval_secs = interval.as_secs_f64(),
-            grace_secs = grace.as_secs_f64(),
-            "master key revocation check running"
-        );
-        let (watched, ring, state, health) = (
-            Arc::clone(watched),
-            Arc::clone(ring),
-            Arc::clone(&state),
-            Arc::clone(&health),
-        );
-        let mut stop = stop.clone();
-        let h = tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            watch_key(watched, ring, interval, grace, Arc::clone(&state), shutdown).await;
-            if state.is_failed_closed() {
-                health
-                    .ready
-                    .store(false, std::sync::atomic::Ordering::Release);
-                tracing::error!("not ready: the keys were wiped (failed closed); restart after re-enabling the master key");
+    Arc::new(
+        move |watched: &Arc<WatchedKey>, ring: &Arc<KeyRing>, sweeper, kms| {
+            health.watch_key_ring(Arc::clone(ring));
+            health.watch_revocation(Arc::clone(&state));
+            if let Some(m) = &metrics {
+                m.set_encryption_on();
+                m.set_key_ring(Arc::clone(ring));
+                m.set_revocation(Arc::clone(&state));
+                m.set_sweeper(sweeper.clone());
+                if let Some(stats) = kms {
+                    m.set_kms_stats(stats);
+                }
             }
-        });
-        handles.lock().unwrap_or_else(|p| p.into_inner()).push(h);
-    })
+            if watched.current().provider.kind() != "aws" {
+                return;
+            }
+            tracing::info!(
+                interval_secs = interval.as_secs_f64(),
+                grace_secs = grace.as_secs_f64(),
+                "master key revocation check running"
+            );
+            let (watched, ring, state, health) = (
+                Arc::clone(watched),
+                Arc::clone(ring),
+                Arc::clone(&state),
+                Arc::clone(&health),
+            );
+            let mut stop = stop.clone();
+            let h = tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                watch_key(watched, ring, interval, grace, Arc::clone(&state), shutdown).await;
+                if state.is_failed_closed() {
+                    health
+                        .ready
+                        .store(false, std::sync::atomic::Ordering::Release);
+                    tracing::error!("not ready: the keys were wiped (failed closed); restart after re-enabling the master key");
+                }
+            });
+            handles.lock().unwrap_or_else(|p| p.into_inner()).push(h);
+        },
+    )
 }
 
 /// Installs the log subscriber: `RUST_LOG` when set and valid, else `level`.

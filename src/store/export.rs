@@ -382,7 +382,7 @@ impl Export {
                 // between the registry and this header; `start` finishes it.
                 (_, Algorithm::None) => Sha256::digest(body).as_slice() == mac,
                 (None, _) => {
-                    mode_error = Some("the file is encrypted but the server runs with encryption off; encryption can neither be added to existing data nor removed".into());
+                    mode_error = Some("the file is encrypted but the server runs with encryption off; encryption cannot be removed (start with --encryption on --kms ...)".into());
                     continue;
                 }
             };
