@@ -13,7 +13,6 @@ use crate::control::{Handler, Progress, Request};
 use crate::crypto::KeyRing;
 use crate::keys::aws::KmsCallStats;
 use crate::keys::revocation::WatchedKey;
-use crate::store::sweep::Sweeper;
 use crate::store::Store;
 
 /// What control requests act on: the running sidecar's state.
@@ -40,9 +39,13 @@ pub struct ControlPlane {
 }
 
 /// What [`ControlPlane::on_encrypted`] is given: the master key, the new
-/// key ring, the sweep and (AWS KMS) the provider's call counters.
-pub type OnEncrypted =
-    Arc<dyn Fn(&Arc<WatchedKey>, &Arc<KeyRing>, &Sweeper, Option<Arc<KmsCallStats>>) + Send + Sync>;
+/// key ring, the key operations (with the sweep) and (AWS KMS) the
+/// provider's call counters.
+pub type OnEncrypted = Arc<
+    dyn Fn(&Arc<WatchedKey>, &Arc<KeyRing>, &Arc<super::keys::KeyOps>, Option<Arc<KmsCallStats>>)
+        + Send
+        + Sync,
+>;
 
 /// A running sidecar's keys. Each is set once (at start-up when the data
 /// directory is encrypted, or by `keys encrypt`) and never unset.

@@ -302,7 +302,7 @@ pub(crate) async fn encrypt_online(
         ));
         let _ = plane.live.key_ops.set(Arc::clone(&ops));
         if let Some(f) = &plane.on_encrypted {
-            f(&watched, &ring, ops.sweeper(), kms_stats);
+            f(&watched, &ring, &ops, kms_stats);
         }
         tracing::info!(data_dir = %dir.display(), provider = ops_provider(&provider),
             "encryption switched on; the sweep re-encrypts the plaintext blocks");

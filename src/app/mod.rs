@@ -303,6 +303,7 @@ impl App {
             },
         );
         let (stop_control, control_stopped) = tokio::sync::oneshot::channel::<()>();
+        let (stop_schedules, schedules_stopped) = tokio::sync::watch::channel(false);
         // A watcher `keys encrypt` starts later stops with the others.
         let (stop_late_watcher, _) = tokio::sync::watch::channel(false);
         let late_watchers: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
@@ -320,6 +321,7 @@ impl App {
                     stop_late_watcher.subscribe(),
                     Arc::clone(&late_watchers),
                     self.metrics.clone(),
+                    schedules_stopped.clone(),
                 )),
                 kms_endpoint: match &self.cfg.kms {
                     Some(KmsConfig::Aws { endpoint, .. }) => endpoint.clone(),
@@ -337,7 +339,6 @@ impl App {
                 let _ = control_stopped.await;
             }))
         });
-        let (stop_schedules, schedules_stopped) = tokio::sync::watch::channel(false);
         if let Some(ops) = self.live.key_ops.get() {
             ops.spawn_schedules(
                 self.cfg.rotation.rotate_every,
@@ -728,9 +729,10 @@ fn spawn_revocation_watcher(
 }
 
 /// What a sidecar started with encryption off does once `keys encrypt` has
-/// given it keys: health watches the ring and, for an AWS KMS master key,
-/// the revocation watcher (and its canary) starts, as at an encrypted
-/// start-up.
+/// given it keys, as at an encrypted start-up: the rotation schedules
+/// (`--rotate-every`, `--retire-after-sweep`) start, health and metrics
+/// watch the ring and the sweep, and for an AWS KMS master key the
+/// revocation watcher (with its canary) starts.
 fn on_encrypted(
     cfg: &ServeConfig,
     state: Arc<RevocationState>,
@@ -738,10 +740,15 @@ fn on_encrypted(
     stop: tokio::sync::watch::Receiver<bool>,
     handles: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     metrics: Option<Arc<Metrics>>,
+    stop_schedules: tokio::sync::watch::Receiver<bool>,
 ) -> control::OnEncrypted {
     let (interval, grace) = (cfg.kms_check_interval, cfg.kms_revocation_grace);
+    let (rotate_every, retire_after_sweep) =
+        (cfg.rotation.rotate_every, cfg.rotation.retire_after_sweep);
     Arc::new(
-        move |watched: &Arc<WatchedKey>, ring: &Arc<KeyRing>, sweeper, kms| {
+        move |watched: &Arc<WatchedKey>, ring: &Arc<KeyRing>, ops: &Arc<keys::KeyOps>, kms| {
+            ops.spawn_schedules(rotate_every, retire_after_sweep, stop_schedules.clone());
+            let sweeper = ops.sweeper();
             health.watch_key_ring(Arc::clone(ring));
             health.watch_revocation(Arc::clone(&state));
             if let Some(m) = &metrics {
