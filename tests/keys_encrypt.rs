@@ -7,6 +7,8 @@
 //! directory restarts with `--encryption on` (and refuses `--encryption off`).
 
 mod common;
+#[path = "common/moto.rs"]
+mod moto;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -460,4 +462,110 @@ fn sigkill_during_the_sweep_then_restart_finishes_it() {
     let (img, seen) = decrypt(&sc, "b");
     assert!(img == want, "decrypted b differs");
     assert_eq!(seen["key_versions"], serde_json::json!([1]), "{seen}");
+}
+
+#[test]
+fn aws_online_encrypt_validates_the_cmk_watches_it_and_restarts_under_it() {
+    require_tool("qemu-io");
+    require_tool("nbdcopy");
+    let Some(moto) = moto::Moto::start() else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let arn = rt.block_on(moto.create_key(aws_sdk_kms::types::KeySpec::SymmetricDefault, false));
+    let disabled =
+        rt.block_on(moto.create_key(aws_sdk_kms::types::KeySpec::SymmetricDefault, false));
+    rt.block_on(moto.set_enabled(&disabled, false));
+    let endpoint = moto.endpoint.clone();
+    let mut sc = Sidecar::new_stopped(&[
+        "--export",
+        "b=8M",
+        "--encryption",
+        "off",
+        "--kms-check-interval",
+        "1s",
+    ]);
+    for (k, v) in [
+        ("AWS_ACCESS_KEY_ID", Some("testing")),
+        ("AWS_SECRET_ACCESS_KEY", Some("testing")),
+        ("AWS_SESSION_TOKEN", Some("testing")),
+        ("AWS_REGION", Some(moto::REGION)),
+        ("AWS_ENDPOINT_URL_KMS", Some(endpoint.as_str())),
+        ("AWS_EC2_METADATA_DISABLED", Some("true")),
+        ("AWS_PROFILE", None),
+        ("AWS_ENDPOINT_URL", None),
+    ] {
+        sc.set_env(k, v);
+    }
+    sc.start_again();
+    fill_with_marker(&sc, "b", SIZE_B, TRIM_AT, TRIM_LEN);
+    let want = expected(SIZE_B, TRIM_AT, TRIM_LEN);
+    let admin = sc.admin_socket().display().to_string();
+    let encrypt = |key: &str| {
+        sc.run_cli(&[
+            "keys",
+            "encrypt",
+            "--kms",
+            "aws",
+            "--kms-key-id",
+            key,
+            "--kms-endpoint",
+            &endpoint,
+            "--admin-socket",
+            &admin,
+            "--json",
+        ])
+    };
+    // A disabled CMK fails validation: nothing changes.
+    let out = encrypt(&disabled);
+    assert!(!out.status.success(), "{}", out.both());
+    assert!(
+        out.stderr.contains("refusing to encrypt") && out.stderr.contains("Disabled"),
+        "{}",
+        out.stderr
+    );
+    let reg = std::fs::read_to_string(sc.data_dir().join("keys.json")).unwrap();
+    assert!(reg.contains("\"encryption\": \"off\""), "{reg}");
+
+    let r = ok_json(&encrypt(&arn));
+    assert!(
+        r["restart_with"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("--kms aws --kms-key-id {arn}")),
+        "{r}"
+    );
+    let reg: Value =
+        serde_json::from_str(&std::fs::read_to_string(sc.data_dir().join("keys.json")).unwrap())
+            .unwrap();
+    assert_eq!(reg["encryption"], "on", "{reg}");
+    assert_eq!(reg["provider"], "aws", "{reg}");
+    assert_eq!(reg["master_key_id"], arn.as_str(), "{reg}");
+    assert!(reg["versions"][0]["mac"].is_string(), "{reg}");
+    // The revocation watcher runs without a restart.
+    let t = Instant::now();
+    while !sc.log().contains("master key revocation check running") {
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", sc.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(read_export(&sc, "b", "b.after") == want);
+    sc.stop();
+    assert_no_marker(&sc.data_dir());
+
+    sc.set_args(&[
+        "--export",
+        "b=8M",
+        "--encryption",
+        "on",
+        "--kms",
+        "aws",
+        "--kms-key-id",
+        &arn,
+    ]);
+    sc.start_again();
+    assert!(read_export(&sc, "b", "b.restarted") == want);
+    sc.stop();
 }
