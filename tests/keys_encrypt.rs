@@ -438,8 +438,25 @@ fn sigkill_during_the_sweep_then_restart_finishes_it() {
     }
     sc.kill9();
     let _ = client.wait();
-    // Plaintext is still there: the sweep was cut short.
+    // Plaintext is still there: the sweep was cut short, and a backup
+    // (which ships stored blocks) is refused until it is done.
     assert!(!common::scan_dir_for(&sc.data_dir(), MARKER).is_empty());
+    let dest = sc.root().join("backups");
+    let out = sc.run_cli(&[
+        "backup",
+        "--export",
+        "b",
+        "--to",
+        dest.to_str().unwrap(),
+        "--data-dir",
+        sc.data_dir().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("still holds plaintext blocks"),
+        "{}",
+        out.both()
+    );
 
     sc.set_args(&["--export", "b=8M", "--encryption", "on", "--kms", "local"]);
     sc.start_again();

@@ -318,6 +318,20 @@ pub(crate) async fn choose_parent(
 /// around the cut), into `target`. Shared by the offline CLI and the
 /// admin-socket operation.
 #[allow(clippy::too_many_arguments)]
+/// Refuses a backup while `keys encrypt` still has plaintext blocks to
+/// re-encrypt or purge: a backup ships stored blocks, and only ciphertext
+/// may leave the node.
+pub(crate) fn refuse_plaintext_left(data_dir: &std::path::Path) -> Result<()> {
+    if store::sweep::SweepFile::load(data_dir).purge_plaintext {
+        bail!(
+            "data directory {} still holds plaintext blocks from before `keys encrypt`: back up \
+             once the sweep has finished (keys status shows no v0 blocks)",
+            data_dir.display()
+        );
+    }
+    Ok(())
+}
+
 pub async fn take_backup(
     export: &Arc<Export>,
     target: Arc<dyn BackupTarget>,
@@ -456,6 +470,7 @@ async fn take_offline(
             dir.display()
         )
     })?;
+    refuse_plaintext_left(dir)?;
     let registry_bytes = std::fs::read(Registry::path_in(dir))
         .with_context(|| format!("read {}", Registry::path_in(dir).display()))?;
     let ring = unwrap(&reg, &a.keys).await?;

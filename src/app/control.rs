@@ -165,6 +165,7 @@ impl ControlPlane {
         let ring = self
             .keys()
             .ok_or("backups need encryption: this sidecar runs with encryption off")?;
+        super::backup::refuse_plaintext_left(&self.data_dir).map_err(|e| super::one_line(&e))?;
         let registry = crate::keys::registry::Registry::path_in(&self.data_dir);
         let key_registry = std::fs::read(&registry)
             .map_err(|err| format!("read the key registry {}: {err}", registry.display()))?;
