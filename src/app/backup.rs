@@ -314,10 +314,6 @@ pub(crate) async fn choose_parent(
     Ok(parent)
 }
 
-/// Takes a backup of `export` at a cut taken now (with the freeze hook
-/// around the cut), into `target`. Shared by the offline CLI and the
-/// admin-socket operation.
-#[allow(clippy::too_many_arguments)]
 /// Refuses a backup while `keys encrypt` still has plaintext blocks to
 /// re-encrypt or purge: a backup ships stored blocks, and only ciphertext
 /// may leave the node.
@@ -332,6 +328,10 @@ pub(crate) fn refuse_plaintext_left(data_dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// Takes a backup of `export` at a cut taken now (with the freeze hook
+/// around the cut), into `target`. Shared by the offline CLI and the
+/// admin-socket operation.
+#[allow(clippy::too_many_arguments)]
 pub async fn take_backup(
     export: &Arc<Export>,
     target: Arc<dyn BackupTarget>,
