@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         Command::Backup(args) => app::backup::run_backup(&args),
         Command::Restore(args) => app::backup::run_restore(&args),
         Command::Keys(KeysCommand::Rewrap(args)) => return app::keys_wrap::run(&args),
+        Command::Keys(KeysCommand::Encrypt(args)) => return app::keys_encrypt::run(&args),
         Command::Keys(other) => return app::keys::run(&other),
     };
     match result {

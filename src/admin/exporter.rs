@@ -411,6 +411,14 @@ impl Metrics {
         RequestMetrics::new(names)
     }
 
+    /// A sidecar started with encryption off was switched on (`keys
+    /// encrypt`): the build-info series says so.
+    pub fn set_encryption_on(&self) {
+        let info = |mode: &'static str| metrics::gauge!(names::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "encryption" => mode);
+        info("off").set(0.0);
+        info("on").set(1.0);
+    }
+
     /// Plugs in the key ring (encryption on) for key-cache and key-state series.
     pub fn set_key_ring(&self, ring: Arc<KeyRing>) {
         let g = KeyGauges {

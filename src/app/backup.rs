@@ -314,6 +314,20 @@ pub(crate) async fn choose_parent(
     Ok(parent)
 }
 
+/// Refuses a backup while `keys encrypt` still has plaintext blocks to
+/// re-encrypt or purge: a backup ships stored blocks, and only ciphertext
+/// may leave the node.
+pub(crate) fn refuse_plaintext_left(data_dir: &std::path::Path) -> Result<()> {
+    if store::sweep::SweepFile::load(data_dir).purge_plaintext {
+        bail!(
+            "data directory {} still holds plaintext blocks from before `keys encrypt`: back up \
+             once the sweep has finished (keys status shows no v0 blocks)",
+            data_dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Takes a backup of `export` at a cut taken now (with the freeze hook
 /// around the cut), into `target`. Shared by the offline CLI and the
 /// admin-socket operation.
@@ -458,6 +472,7 @@ async fn take_offline(
             dir.display()
         )
     })?;
+    refuse_plaintext_left(dir)?;
     let registry_bytes = std::fs::read(Registry::path_in(dir))
         .with_context(|| format!("read {}", Registry::path_in(dir).display()))?;
     let ring = unwrap(&reg, &a.keys).await?;
@@ -659,11 +674,14 @@ async fn restore(a: &RestoreArgs) -> Result<()> {
     // is written; the keys move to it once the blocks are restored.
     let new_cmk = match &a.kms_key_id {
         Some(id) => Some(
-            super::keys_wrap::validated_target(&crate::config::KmsConfig::Aws {
-                key_id: id.clone(),
-                endpoint: a.keys.kms_endpoint.clone(),
-                region: a.keys.kms_region.clone(),
-            })
+            super::keys_wrap::validated_target(
+                &crate::config::KmsConfig::Aws {
+                    key_id: id.clone(),
+                    endpoint: a.keys.kms_endpoint.clone(),
+                    region: a.keys.kms_region.clone(),
+                },
+                "rewrap",
+            )
             .await?,
         ),
         None => None,

@@ -5,12 +5,13 @@
 //! and backup operations stay apart.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::{json, Value};
 
 use crate::control::{Handler, Progress, Request};
 use crate::crypto::KeyRing;
+use crate::keys::aws::KmsCallStats;
 use crate::keys::revocation::WatchedKey;
 use crate::store::Store;
 
@@ -20,18 +21,70 @@ pub struct ControlPlane {
     pub data_dir: PathBuf,
     /// The open exports.
     pub store: Arc<Store>,
-    /// Universe keys (`None` when encryption is off).
-    pub keys: Option<Arc<KeyRing>>,
-    /// Key rotation, sweep and retirement (`None` when encryption is off).
-    pub key_ops: Option<Arc<super::keys::KeyOps>>,
-    /// The directory's current master key (provider) and revocation canary;
-    /// a rewrap replaces both (`None` when encryption is off).
-    pub master_key: Option<Arc<WatchedKey>>,
+    /// Keys, key operations and master key: set at start-up when encrypted,
+    /// or once by `keys encrypt`.
+    pub live: Arc<LiveKeys>,
+    /// `--reencrypt-rate` in bytes per second (the sweep `keys encrypt` starts).
+    pub reencrypt_rate: u64,
+    /// `--key-cache-size` (the key ring `keys encrypt` makes).
+    pub key_cache_size: usize,
+    /// Called once `keys encrypt` has switched the sidecar to encryption:
+    /// starts what an encrypted start-up starts (revocation watcher, health).
+    pub on_encrypted: Option<OnEncrypted>,
     /// The sidecar's `--kms-endpoint`, the default for a rewrap's new CMK.
     pub kms_endpoint: Option<String>,
     /// Held by every operation that writes `keys.json`, so writers never
     /// interleave.
     pub registry_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// What [`ControlPlane::on_encrypted`] is given: the master key, the new
+/// key ring, the key operations (with the sweep) and (AWS KMS) the
+/// provider's call counters.
+pub type OnEncrypted = Arc<
+    dyn Fn(&Arc<WatchedKey>, &Arc<KeyRing>, &Arc<super::keys::KeyOps>, Option<Arc<KmsCallStats>>)
+        + Send
+        + Sync,
+>;
+
+/// A running sidecar's keys. Each is set once (at start-up when the data
+/// directory is encrypted, or by `keys encrypt`) and never unset.
+#[derive(Default)]
+pub struct LiveKeys {
+    /// Universe keys.
+    pub keys: OnceLock<Arc<KeyRing>>,
+    /// Key rotation, sweep and retirement.
+    pub key_ops: OnceLock<Arc<super::keys::KeyOps>>,
+    /// The directory's current master key (provider) and revocation canary;
+    /// a rewrap replaces both inside it.
+    pub master_key: OnceLock<Arc<WatchedKey>>,
+}
+
+impl LiveKeys {
+    /// Keys set at start-up (all or none).
+    pub fn new(
+        keys: Option<Arc<KeyRing>>,
+        key_ops: Option<Arc<super::keys::KeyOps>>,
+        master_key: Option<Arc<WatchedKey>>,
+    ) -> LiveKeys {
+        LiveKeys {
+            keys: keys.map(OnceLock::from).unwrap_or_default(),
+            key_ops: key_ops.map(OnceLock::from).unwrap_or_default(),
+            master_key: master_key.map(OnceLock::from).unwrap_or_default(),
+        }
+    }
+}
+
+impl ControlPlane {
+    /// Universe keys (`None` while encryption is off).
+    pub fn keys(&self) -> Option<&Arc<KeyRing>> {
+        self.live.keys.get()
+    }
+
+    /// The master key (`None` while encryption is off).
+    pub fn master_key(&self) -> Option<&Arc<WatchedKey>> {
+        self.live.master_key.get()
+    }
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -66,6 +119,9 @@ impl Handler for ControlPlane {
                 self.backup(&export, &to, full, incremental, rate, progress)
                     .await
             }
+            Request::KeysEncrypt { provider } => {
+                super::keys_encrypt::encrypt_online(self, provider, &progress).await
+            }
             Request::KeysRewrap {
                 kms_key_id,
                 kms_endpoint,
@@ -87,7 +143,7 @@ impl Handler for ControlPlane {
 impl ControlPlane {
     /// Key rotation, sweep and retirement requests.
     async fn key_lifecycle(&self, req: &Request) -> Result<Value, String> {
-        let Some(ops) = &self.key_ops else {
+        let Some(ops) = self.live.key_ops.get() else {
             return Err("this sidecar runs with encryption off: it has no universe keys to rotate or retire".into());
         };
         match ops.handle(req).await {
@@ -112,9 +168,9 @@ impl ControlPlane {
             .get(export)
             .ok_or_else(|| format!("no export {export:?} is served here"))?;
         let ring = self
-            .keys
-            .as_ref()
+            .keys()
             .ok_or("backups need encryption: this sidecar runs with encryption off")?;
+        super::backup::refuse_plaintext_left(&self.data_dir).map_err(|e| super::one_line(&e))?;
         let registry = crate::keys::registry::Registry::path_in(&self.data_dir);
         let r = async {
             let target = super::backup::open_target(to).await?;
@@ -186,7 +242,7 @@ impl ControlPlane {
                 })
             })
             .collect();
-        let keys = self.keys.as_ref().map(|k| {
+        let keys = self.keys().map(|k| {
             let s = k.snapshot();
             json!({
                 "versions_loaded": s.versions,
@@ -197,9 +253,9 @@ impl ControlPlane {
         json!({
             "data_dir": self.data_dir.display().to_string(),
             "pid": std::process::id(),
-            "encryption": if self.keys.is_some() { "on" } else { "off" },
+            "encryption": if self.keys().is_some() { "on" } else { "off" },
             "keys": keys,
-            "key_rotation": self.key_ops.as_ref().map(|k| k.summary()),
+            "key_rotation": self.live.key_ops.get().map(|k| k.summary()),
             "exports": exports,
         })
     }

@@ -488,7 +488,9 @@ pub fn run(op: &KeysCommand) -> ExitCode {
 fn request_of(op: &KeysCommand) -> Request {
     match op {
         // `run` hands rewrap to its own module; status is harmless here.
-        KeysCommand::Status(_) | KeysCommand::Rewrap(_) => Request::KeysStatus,
+        KeysCommand::Status(_) | KeysCommand::Rewrap(_) | KeysCommand::Encrypt(_) => {
+            Request::KeysStatus
+        }
         KeysCommand::Rotate(_) => Request::KeysRotate,
         KeysCommand::Retire(a) => Request::KeysRetire { version: a.version },
         KeysCommand::Sweep(s) => match s.action {
@@ -509,7 +511,7 @@ fn online(sock: &Path, op: &KeysCommand, rep: &Reporter) -> Result<(String, Valu
 /// The one-line human result of `op`.
 fn summary(op: &KeysCommand, v: &Value) -> String {
     match op {
-        KeysCommand::Status(_) | KeysCommand::Rewrap(_) => status_line(v),
+        KeysCommand::Status(_) | KeysCommand::Rewrap(_) | KeysCommand::Encrypt(_) => status_line(v),
         KeysCommand::Rotate(_) => {
             let mut s = format!(
                 "rotated: key version {} is active (was {})",
@@ -661,7 +663,9 @@ fn offline(
         );
         wait_census(&store, rep).await;
         let result = match op {
-            KeysCommand::Status(_) | KeysCommand::Rewrap(_) => Ok(ops.status().await),
+            KeysCommand::Status(_) | KeysCommand::Rewrap(_) | KeysCommand::Encrypt(_) => {
+                Ok(ops.status().await)
+            }
             KeysCommand::Rotate(_) => match ops.rotate().await {
                 Ok(mut v) => {
                     let n = sweep_to_end(&ops, rep).await;

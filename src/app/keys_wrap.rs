@@ -98,7 +98,7 @@ pub(crate) async fn rewrap_online(
     progress: &Progress,
 ) -> Result<serde_json::Value, String> {
     let err = |e: anyhow::Error| super::one_line(&e);
-    let (Some(ring), Some(master)) = (&plane.keys, &plane.master_key) else {
+    let (Some(ring), Some(master)) = (plane.keys(), plane.master_key()) else {
         return Err(format!(
             "data directory {} is not encrypted: there are no keys to rewrap",
             plane.data_dir.display()
@@ -146,7 +146,7 @@ pub(crate) async fn rewrap_running(
     progress: impl FnMut(u64, u64),
 ) -> Result<RewrapOutcome> {
     // The file on disk must still be the one these keys sealed.
-    let to = Arc::new(validated_target(target).await?);
+    let to = Arc::new(validated_target(target, "rewrap").await?);
     reg.verify_current(ring)?;
     let from = Arc::clone(&master.current().provider);
     let out = rewrap(reg, from.as_ref(), &to, ring, progress)
@@ -192,7 +192,7 @@ pub(crate) async fn registry_provider(
 
 /// Opens the new CMK's provider and runs the `validate-key` checks on it;
 /// refuses with every failed check named.
-pub(crate) async fn validated_target(target: &KmsConfig) -> Result<AwsKmsProvider> {
+pub(crate) async fn validated_target(target: &KmsConfig, what: &str) -> Result<AwsKmsProvider> {
     let KmsConfig::Aws {
         key_id,
         endpoint,
@@ -216,7 +216,7 @@ pub(crate) async fn validated_target(target: &KmsConfig) -> Result<AwsKmsProvide
             })
             .collect();
         bail!(
-            "refusing to rewrap: the new AWS KMS key {} failed validation (as validate-key \
+            "refusing to {what}: the new AWS KMS key {} failed validation (as validate-key \
              checks it): {}",
             report.key_arn,
             failed.join("; ")
@@ -263,7 +263,7 @@ fn offline(
         KmsConfig::Local { .. } => None,
     };
     super::runtime()?.block_on(async {
-        let to = validated_target(target).await?;
+        let to = validated_target(target, "rewrap").await?;
         let from = registry_provider(&reg, args.local_kek_file.clone(), &endpoint, &None).await?;
         let ring: KeyRing = reg
             .unwrap_all(from.as_ref(), 16)

@@ -12,6 +12,7 @@ pub mod check;
 pub mod commands;
 pub mod control;
 pub mod keys;
+pub mod keys_encrypt;
 pub mod keys_wrap;
 pub mod report;
 
@@ -50,7 +51,11 @@ pub struct App {
     control: Option<UnixListener>,
     watched: Option<Arc<WatchedKey>>,
     keys: Option<Arc<KeyRing>>,
-    key_ops: Option<Arc<keys::KeyOps>>,
+    /// The metrics layer (`None` when `--metrics-addr` is empty).
+    metrics: Option<Arc<Metrics>>,
+    /// The keys as they are now (`keys encrypt` sets them on a sidecar
+    /// started with encryption off).
+    live: Arc<control::LiveKeys>,
     registry_lock: Arc<tokio::sync::Mutex<()>>,
     revocation: Arc<RevocationState>,
 }
@@ -266,9 +271,14 @@ impl App {
             shared,
             listener,
             control,
+            metrics,
+            live: Arc::new(control::LiveKeys::new(
+                keys.clone(),
+                key_ops,
+                watched.clone(),
+            )),
             watched,
             keys,
-            key_ops,
             registry_lock,
             revocation,
         })
@@ -293,13 +303,26 @@ impl App {
             },
         );
         let (stop_control, control_stopped) = tokio::sync::oneshot::channel::<()>();
+        let (stop_schedules, schedules_stopped) = tokio::sync::watch::channel(false);
+        // A watcher `keys encrypt` starts later stops with the others.
+        let (stop_late_watcher, _) = tokio::sync::watch::channel(false);
+        let late_watchers: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
         let control = self.control.map(|listener| {
             let plane = control::ControlPlane {
                 data_dir: self.cfg.data_dir.clone(),
                 store: Arc::clone(&self.store),
-                keys: self.keys.clone(),
-                key_ops: self.key_ops.clone(),
-                master_key: self.watched.clone(),
+                live: Arc::clone(&self.live),
+                reencrypt_rate: self.cfg.rotation.reencrypt_bytes_per_sec,
+                key_cache_size: self.cfg.key_cache_size.get(),
+                on_encrypted: Some(on_encrypted(
+                    &self.cfg,
+                    Arc::clone(&self.revocation),
+                    Arc::clone(&self.health),
+                    stop_late_watcher.subscribe(),
+                    Arc::clone(&late_watchers),
+                    self.metrics.clone(),
+                    schedules_stopped.clone(),
+                )),
                 kms_endpoint: match &self.cfg.kms {
                     Some(KmsConfig::Aws { endpoint, .. }) => endpoint.clone(),
                     _ => None,
@@ -316,8 +339,7 @@ impl App {
                 let _ = control_stopped.await;
             }))
         });
-        let (stop_schedules, schedules_stopped) = tokio::sync::watch::channel(false);
-        if let Some(ops) = &self.key_ops {
+        if let Some(ops) = self.live.key_ops.get() {
             ops.spawn_schedules(
                 self.cfg.rotation.rotate_every,
                 self.cfg.rotation.retire_after_sweep,
@@ -326,7 +348,7 @@ impl App {
         }
         server::run(self.listener, self.shared, shutdown).await;
         let _ = stop_schedules.send(true);
-        if let Some(ops) = &self.key_ops {
+        if let Some(ops) = self.live.key_ops.get() {
             // The sweep stops (cursor saved) before the exports are closed.
             tokio::task::block_in_place(|| ops.sweeper().stop());
         }
@@ -339,6 +361,12 @@ impl App {
         }
         let _ = stop_watcher.send(());
         if let Some(w) = watcher {
+            let _ = w.await;
+        }
+        let _ = stop_late_watcher.send(true);
+        let late: Vec<_> =
+            std::mem::take(&mut *late_watchers.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in late {
             let _ = w.await;
         }
         let store = self.store;
@@ -698,6 +726,70 @@ fn spawn_revocation_watcher(
             tracing::error!("not ready: the keys were wiped (failed closed); restart after re-enabling the master key");
         }
     }))
+}
+
+/// What a sidecar started with encryption off does once `keys encrypt` has
+/// given it keys, as at an encrypted start-up: the rotation schedules
+/// (`--rotate-every`, `--retire-after-sweep`) start, health and metrics
+/// watch the ring and the sweep, and for an AWS KMS master key the
+/// revocation watcher (with its canary) starts.
+fn on_encrypted(
+    cfg: &ServeConfig,
+    state: Arc<RevocationState>,
+    health: Arc<Health>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    handles: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    metrics: Option<Arc<Metrics>>,
+    stop_schedules: tokio::sync::watch::Receiver<bool>,
+) -> control::OnEncrypted {
+    let (interval, grace) = (cfg.kms_check_interval, cfg.kms_revocation_grace);
+    let (rotate_every, retire_after_sweep) =
+        (cfg.rotation.rotate_every, cfg.rotation.retire_after_sweep);
+    Arc::new(
+        move |watched: &Arc<WatchedKey>, ring: &Arc<KeyRing>, ops: &Arc<keys::KeyOps>, kms| {
+            ops.spawn_schedules(rotate_every, retire_after_sweep, stop_schedules.clone());
+            let sweeper = ops.sweeper();
+            health.watch_key_ring(Arc::clone(ring));
+            health.watch_revocation(Arc::clone(&state));
+            if let Some(m) = &metrics {
+                m.set_encryption_on();
+                m.set_key_ring(Arc::clone(ring));
+                m.set_revocation(Arc::clone(&state));
+                m.set_sweeper(sweeper.clone());
+                if let Some(stats) = kms {
+                    m.set_kms_stats(stats);
+                }
+            }
+            if watched.current().provider.kind() != "aws" {
+                return;
+            }
+            tracing::info!(
+                interval_secs = interval.as_secs_f64(),
+                grace_secs = grace.as_secs_f64(),
+                "master key revocation check running"
+            );
+            let (watched, ring, state, health) = (
+                Arc::clone(watched),
+                Arc::clone(ring),
+                Arc::clone(&state),
+                Arc::clone(&health),
+            );
+            let mut stop = stop.clone();
+            let h = tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                watch_key(watched, ring, interval, grace, Arc::clone(&state), shutdown).await;
+                if state.is_failed_closed() {
+                    health
+                        .ready
+                        .store(false, std::sync::atomic::Ordering::Release);
+                    tracing::error!("not ready: the keys were wiped (failed closed); restart after re-enabling the master key");
+                }
+            });
+            handles.lock().unwrap_or_else(|p| p.into_inner()).push(h);
+        },
+    )
 }
 
 /// Installs the log subscriber: `RUST_LOG` when set and valid, else `level`.

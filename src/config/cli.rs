@@ -63,6 +63,55 @@ pub enum KeysCommand {
     Retire(RetireArgs),
     /// Pause or resume the re-encryption sweep.
     Sweep(SweepArgs),
+    /// Encrypt a data directory initialised with --encryption off, online
+    /// (reads and writes go on) or offline; encryption cannot be removed.
+    Encrypt(EncryptArgs),
+}
+
+/// Options of `ear-sidecar keys encrypt`.
+#[derive(Debug, Clone, Args)]
+pub struct EncryptArgs {
+    /// Key provider that will wrap the new universe key
+    #[arg(long, value_name = "local|aws")]
+    pub kms: KmsKind,
+
+    /// AWS KMS key ARN (required with --kms aws)
+    #[arg(long, value_name = "ARN")]
+    pub kms_key_id: Option<String>,
+
+    /// AWS KMS endpoint URL [default: from the AWS configuration]
+    #[arg(long, value_name = "URL", env = "EAR_KMS_ENDPOINT")]
+    pub kms_endpoint: Option<String>,
+
+    /// AWS region [default: from the key ARN or the AWS configuration]
+    #[arg(long, value_name = "REGION", env = "EAR_KMS_REGION")]
+    pub kms_region: Option<String>,
+
+    /// KEK file of the local provider, created 0600 when missing; refused
+    /// inside the data directory [default: as for serve]
+    #[arg(long, value_name = "PATH", env = "EAR_LOCAL_KEK_FILE")]
+    pub local_kek_file: Option<PathBuf>,
+
+    /// INSECURE, throwaway trials only: accept a local KEK inside the data directory
+    #[arg(long)]
+    pub insecure_kek_in_data_dir: bool,
+
+    /// Encrypt online: the admin socket of the sidecar serving the directory
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "EAR_ADMIN_SOCKET",
+        conflicts_with = "data_dir"
+    )]
+    pub admin_socket: Option<PathBuf>,
+
+    /// Encrypt offline: the data directory (no sidecar may be running on it)
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Print one JSON object instead of the one-line summary
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of `ear-sidecar keys rewrap`.
@@ -627,7 +676,7 @@ impl KeysCommand {
     /// `rewrap`, which has its own).
     pub fn target(&self) -> Option<&KeysTarget> {
         match self {
-            KeysCommand::Rewrap(_) => None,
+            KeysCommand::Rewrap(_) | KeysCommand::Encrypt(_) => None,
             KeysCommand::Status(t) | KeysCommand::Rotate(t) => Some(t),
             KeysCommand::Retire(a) => Some(&a.target),
             KeysCommand::Sweep(s) => match &s.action {

@@ -46,6 +46,13 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rate: Option<u64>,
     },
+    /// Encrypt a directory served with encryption off: registry on, every
+    /// export switched, the sweep re-encrypts the plaintext blocks; answers
+    /// when no plaintext is left.
+    KeysEncrypt {
+        /// The provider to wrap the universe key: what the sidecar opens.
+        provider: EncryptProvider,
+    },
     /// Re-wrap every universe-key version under a new AWS KMS CMK.
     KeysRewrap {
         /// ARN of the new CMK.
@@ -75,6 +82,7 @@ impl Request {
             Request::KeysSweepResume => "keys-sweep-resume",
             Request::Backup { .. } => "backup",
             Request::KeysRewrap { .. } => "keys-rewrap",
+            Request::KeysEncrypt { .. } => "keys-encrypt",
         }
     }
 }
@@ -103,4 +111,29 @@ pub enum Reply {
     /// The request was refused or failed: one line naming the problem and
     /// the fix.
     Error(String),
+}
+
+/// The key provider a `keys encrypt` request names.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kms", rename_all = "lowercase")]
+pub enum EncryptProvider {
+    /// A local KEK file (created 0600 when missing).
+    Local {
+        /// Absolute path of the KEK file.
+        kek_file: String,
+        /// Accept a KEK inside the data directory (insecure, trials).
+        #[serde(default)]
+        insecure_kek_in_data_dir: bool,
+    },
+    /// An AWS KMS CMK.
+    Aws {
+        /// Its ARN.
+        kms_key_id: String,
+        /// Endpoint override.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kms_endpoint: Option<String>,
+        /// Region override.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kms_region: Option<String>,
+    },
 }

@@ -151,14 +151,6 @@ struct VersionV1 {
     mac: Option<String>,
 }
 
-fn mode_name(on: bool) -> &'static str {
-    if on {
-        "on"
-    } else {
-        "off"
-    }
-}
-
 impl Registry {
     /// Path of the registry file of `data_dir`.
     pub fn path_in(data_dir: &Path) -> PathBuf {
@@ -606,14 +598,20 @@ impl Registry {
             .map(|p| p.display().to_string())
             .unwrap_or_default();
         if encryption_on != self.encryption_on {
-            return Err(KeyError::Config(format!(
-                "data directory {dir} was initialised with encryption {}, but encryption is \
-                 configured {}: encryption can neither be added to existing data nor removed \
-                 from it (start with encryption {}, or copy the data into a new data directory)",
-                mode_name(self.encryption_on),
-                mode_name(encryption_on),
-                mode_name(self.encryption_on),
-            )));
+            return Err(KeyError::Config(if self.encryption_on {
+                format!(
+                    "data directory {dir} is encrypted, but encryption is configured off: \
+                     encryption cannot be removed (start with --encryption on --kms {})",
+                    self.provider.as_deref().unwrap_or("local|aws")
+                )
+            } else {
+                format!(
+                    "data directory {dir} was initialised with encryption off, but encryption \
+                     is configured on: encrypt it first with `ear-sidecar keys encrypt --kms \
+                     local|aws --data-dir {dir}` (or --admin-socket PATH while it serves), then \
+                     start with --encryption on"
+                )
+            }));
         }
         if !encryption_on {
             return Ok(());
@@ -816,6 +814,43 @@ impl Registry {
         Ok((version, key))
     }
 
+    /// Switches a registry with encryption off to on (`keys encrypt`): a new
+    /// universe key version 1 generated and wrapped by `provider`, unwrapped
+    /// once to prove it works, sealed and saved atomically. Returns the key
+    /// ring the exports switch to. On any failure the registry (file and
+    /// value) is unchanged; encryption already on is refused.
+    pub async fn enable_encryption(
+        &mut self,
+        provider: &dyn KeyProvider,
+        cache_capacity: usize,
+    ) -> Result<KeyRing, KeyError> {
+        if self.encryption_on {
+            return Err(self.error(
+                "encryption is already on for this data directory; nothing to encrypt".into(),
+            ));
+        }
+        let context = universe_key_context(&self.dir_id, 1);
+        let wrapped = provider
+            .generate_wrapped(&context)
+            .await
+            .map_err(|e| with_version(e, 1))?;
+        let mut next = self.clone();
+        next.encryption_on = true;
+        next.provider = Some(provider.kind().to_string());
+        next.master_key_id = Some(provider.master_key_id());
+        next.active_version = Some(1);
+        next.versions = vec![KeyVersion {
+            version: 1,
+            wrapped,
+            context,
+            created_unix: now_unix(),
+        }];
+        let ring = next.unwrap_versions(provider, cache_capacity).await?;
+        next.save(Some(&ring))?;
+        *self = next;
+        Ok(ring)
+    }
+
     /// Removes version `version` and its wrapped key from the registry and
     /// saves it atomically, sealed with the keys of `ring` (crypto-shredding
     /// once no copy of the old file remains). Refuses the active version and
@@ -993,12 +1028,9 @@ mod tests {
         let dir = data.path().display().to_string();
 
         let e = reg.check_compatible(false, None).unwrap_err().to_string();
-        assert!(
-            e.contains("neither be added to existing data nor removed"),
-            "{e}"
-        );
+        assert!(e.contains("encryption cannot be removed"), "{e}");
         assert!(e.contains(&dir), "{e}");
-        assert!(e.contains("initialised with encryption on"), "{e}");
+        assert!(e.contains("--encryption on --kms local"), "{e}");
 
         let off_dir = tempfile::tempdir().unwrap();
         let off = Registry::create(off_dir.path(), false, None).await.unwrap();
@@ -1006,10 +1038,7 @@ mod tests {
             .check_compatible(true, Some(&a))
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("neither be added to existing data nor removed"),
-            "{e}"
-        );
+        assert!(e.contains("keys encrypt"), "{e}");
         assert!(e.contains("initialised with encryption off"), "{e}");
 
         let e = reg

@@ -13,7 +13,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -116,7 +116,9 @@ pub struct Export {
     pub(super) header: Header,
     /// The header as last written (sequence, state, epoch change).
     pub(super) live: Mutex<Header>,
-    pub(super) keys: Option<Arc<KeyRing>>,
+    /// The universe keys: set at open for an encrypted export, or once by
+    /// [`Export::enable_encryption`] on a plaintext one; never unset.
+    keys: OnceLock<Arc<KeyRing>>,
     pub(super) locks: StripeLocks,
     pub(super) epoch_writes: u64,
     epochs: Mutex<EpochState>,
@@ -143,7 +145,7 @@ impl std::fmt::Debug for Export {
             .field("name", &self.name)
             .field("path", &self.path)
             .field("size", &self.header.size)
-            .field("encrypted", &self.keys.is_some())
+            .field("encrypted", &self.encrypted())
             .finish()
     }
 }
@@ -199,7 +201,12 @@ impl Export {
 
     /// True when data is encrypted.
     pub fn encrypted(&self) -> bool {
-        self.keys.is_some()
+        self.keys.get().is_some()
+    }
+
+    /// The universe keys, once the export is encrypted.
+    pub(super) fn keys(&self) -> Option<&Arc<KeyRing>> {
+        self.keys.get()
     }
 
     /// Counters for the metrics layer.
@@ -238,18 +245,25 @@ impl Export {
     }
 
     /// The 4096 bytes of a header slot: body and MAC.
+    /// The header's algorithm decides its MAC: an encrypted header needs
+    /// `keys`, a plaintext one is covered by SHA-256.
     pub(super) fn header_slot_bytes(
         header: &Header,
-        keys: &Option<Arc<KeyRing>>,
+        keys: Option<&Arc<KeyRing>>,
     ) -> Result<Vec<u8>, StoreError> {
         let body = header.encode_body();
         let mut slot = vec![0u8; HEADER_SLOT as usize];
         slot[..HEADER_BODY].copy_from_slice(&body);
-        let mac: [u8; 32] = match keys {
-            Some(ring) => ring
+        let mac: [u8; 32] = match (header.algorithm, keys) {
+            (Algorithm::None, _) => Sha256::digest(body).into(),
+            (_, Some(ring)) => ring
                 .file_keys(&header.file_id, header.header_key_version, 0)?
                 .header_mac(&body),
-            None => Sha256::digest(body).into(),
+            (_, None) => {
+                return Err(StoreError::Config(
+                    "an encrypted header needs the universe keys".into(),
+                ))
+            }
         };
         slot[HEADER_MAC_AT..HEADER_MAC_AT + 32].copy_from_slice(&mac);
         Ok(slot)
@@ -289,7 +303,7 @@ impl Export {
             epoch: 0,
             epoch_writes: opts.epoch_writes,
         };
-        let slot = Self::header_slot_bytes(&header, &keys)?;
+        let slot = Self::header_slot_bytes(&header, keys.as_ref())?;
         let tmp = path.with_extension("ear.tmp");
         let file = {
             use std::os::unix::fs::OpenOptionsExt;
@@ -364,19 +378,17 @@ impl Export {
                         }
                     }
                 }
-                (None, Algorithm::None) => Sha256::digest(body).as_slice() == mac,
-                (Some(_), Algorithm::None) => {
-                    mode_error = Some("the file is unencrypted but the data directory is encrypted; encryption can neither be added to existing data nor removed".into());
-                    continue;
-                }
+                // A plaintext header under keys: a `keys encrypt` interrupted
+                // between the registry and this header; `start` finishes it.
+                (_, Algorithm::None) => Sha256::digest(body).as_slice() == mac,
                 (None, _) => {
-                    mode_error = Some("the file is encrypted but the server runs with encryption off; encryption can neither be added to existing data nor removed".into());
+                    mode_error = Some("the file is encrypted but the server runs with encryption off; encryption cannot be removed (start with --encryption on --kms ...)".into());
                     continue;
                 }
             };
             if ok {
                 valid.push(h);
-            } else if keys.is_some() {
+            } else if keys.is_some() && h.algorithm != Algorithm::None {
                 errors.push(format!("slot {i}: header authentication failed (wrong universe key for this file, or the header was modified)"));
             } else {
                 errors.push(format!(
@@ -440,7 +452,7 @@ impl Export {
             io: file,
             header: header.clone(),
             live: Mutex::new(header.clone()),
-            keys,
+            keys: keys.map(OnceLock::from).unwrap_or_default(),
             locks: StripeLocks::default(),
             epoch_writes: header.epoch_writes,
             epochs: Mutex::new(EpochState {
@@ -480,6 +492,16 @@ impl Export {
         header.state = State::Open;
         header.sequence = header.sequence.wrapping_add(1);
         header.epoch_writes = opts.epoch_writes;
+        if let (Some(ring), Algorithm::None) = (&keys, header.algorithm) {
+            // The registry is on but this header is still plaintext: a
+            // `keys encrypt` was interrupted between the two; finish it.
+            header.algorithm = Algorithm::Aes256Ctr;
+            header.header_key_version = ring.active_version();
+            tracing::info!(
+                export = name,
+                "export switched to encryption (an interrupted keys encrypt)"
+            );
+        }
         if keys.is_some() {
             // Every run reserves a fresh epoch, so a crash never reuses a
             // (key, counter) range.
@@ -498,7 +520,7 @@ impl Export {
                 ..header.clone()
             },
             live: Mutex::new(header.clone()),
-            keys,
+            keys: keys.map(OnceLock::from).unwrap_or_default(),
             locks: StripeLocks::default(),
             epoch_writes: opts.epoch_writes,
             epochs: Mutex::new(EpochState {
@@ -556,7 +578,7 @@ impl Export {
     /// Writes both header slots, one at a time, synced in between: a crash
     /// leaves at least one valid slot.
     fn write_headers(&self, header: &Header) -> Result<(), StoreError> {
-        let slot = Self::header_slot_bytes(header, &self.keys)?;
+        let slot = Self::header_slot_bytes(header, self.keys())?;
         for at in [0, HEADER_SLOT] {
             self.io
                 .write_all_at(&slot, at)
@@ -591,11 +613,55 @@ impl Export {
     /// version can be retired. Both slots are written and synced before
     /// this returns.
     pub fn move_header_key(&self, version: u32) -> Result<(), StoreError> {
-        if self.keys.is_none() || self.header_key_version() == version {
+        if !self.encrypted() || self.header_key_version() == version {
             return Ok(());
         }
         self.update_header(|h| h.header_key_version = version)?;
         tracing::info!(export = %self.name, version, "header re-signed under the active key version");
+        Ok(())
+    }
+
+    /// Turns a plaintext export into an encrypted one while it serves: a
+    /// fresh epoch is reserved and the header rewritten (algorithm
+    /// AES-256-CTR, signed under the active version) through the two-slot
+    /// update, then the keys are published. Both happen under the header
+    /// lock, so a writer that sees the keys finds the epoch reserved. Blocks
+    /// already written stay plaintext (key version 0) until the sweep
+    /// rewrites them. A no-op on an encrypted export.
+    pub fn enable_encryption(&self, ring: Arc<KeyRing>) -> Result<(), StoreError> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if self.encrypted() {
+            return Ok(());
+        }
+        let mut h = live.clone();
+        h.algorithm = Algorithm::Aes256Ctr;
+        h.header_key_version = ring.active_version();
+        h.epoch = h.epoch.checked_add(1).ok_or_else(|| {
+            StoreError::Config(format!(
+                "export {}: all 2^32 key epochs are used up",
+                self.name
+            ))
+        })?;
+        h.sequence = h.sequence.wrapping_add(1);
+        let slot = Self::header_slot_bytes(&h, Some(&ring))?;
+        for at in [0, HEADER_SLOT] {
+            self.io
+                .write_all_at(&slot, at)
+                .map_err(|source| self.io_err("write header", source))?;
+            self.io
+                .sync_data()
+                .map_err(|source| self.io_err("fsync", source))?;
+        }
+        {
+            let mut g = self.epochs.lock().unwrap_or_else(|p| p.into_inner());
+            g.epoch = h.epoch;
+            g.next = 0;
+        }
+        self.counters.epoch.store(h.epoch, Ordering::Relaxed);
+        // Set only here, under the header lock, after checking it is unset.
+        let _ = self.keys.set(ring);
+        *live = h;
+        tracing::info!(export = %self.name, "export switched to encryption; plaintext blocks wait for the sweep");
         Ok(())
     }
 
@@ -652,7 +718,7 @@ impl Export {
         // Marking the header clean needs the header-MAC key. After a
         // fail-closed wipe there is none: the data is already durable, so
         // the export simply stays marked open and the next start scrubs it.
-        if let Some(ring) = &self.keys {
+        if let Some(ring) = self.keys() {
             if ring.is_failed_closed() {
                 tracing::warn!(export = %self.name,
                     "keys are wiped (failed closed): the export stays marked open and is scrubbed at the next start");

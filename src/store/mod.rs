@@ -290,6 +290,15 @@ impl Store {
         })
     }
 
+    /// Switches every export to encryption under `ring` (`keys encrypt`):
+    /// see [`Export::enable_encryption`].
+    pub fn enable_encryption(&self, ring: &Arc<KeyRing>) -> Result<(), StoreError> {
+        for e in self.exports.values() {
+            e.enable_encryption(Arc::clone(ring))?;
+        }
+        Ok(())
+    }
+
     /// The export called `name`.
     pub fn get(&self, name: &str) -> Option<&Arc<Export>> {
         self.exports.get(name)

@@ -387,7 +387,7 @@ impl Export {
         st: &mut IoStats,
     ) -> Result<(), StoreError> {
         let n = buf.len() / BLOCK_SIZE;
-        let (version, counters, random) = match &self.keys {
+        let (version, counters, random) = match self.keys() {
             Some(ring) => {
                 let counters = self.take_counters(n)?;
                 // One getrandom(2) call for every nonce of the request.
@@ -420,7 +420,7 @@ impl Export {
                 let j = done + i;
                 let (epoch, counter) = counters[j];
                 let mut nonce = [0u8; NONCE_LEN];
-                if self.keys.is_some() {
+                if self.encrypted() {
                     nonce[0..4].copy_from_slice(&counter.to_le_bytes());
                     nonce[4..12].copy_from_slice(&random[j * 8..j * 8 + 8]);
                 }
@@ -704,7 +704,8 @@ impl KeyCache {
         version: u32,
         epoch: u32,
     ) -> Result<Option<Arc<FileKeys>>, StoreError> {
-        let Some(ring) = &e.keys else {
+        // Key version 0 is plaintext: blocks written before `keys encrypt`.
+        let Some(ring) = e.keys().filter(|_| version != 0) else {
             return Ok(None);
         };
         match &self.last {

@@ -249,7 +249,7 @@ impl Export {
 
     /// [`Export::begin_cut`] with a bound on preserved ciphertext in memory.
     pub fn begin_cut_with(self: &Arc<Self>, memory_limit: usize) -> Result<Snapshot, StoreError> {
-        if self.keys.is_none() {
+        if !self.encrypted() {
             return Err(StoreError::Config(format!(
                 "export {}: backups need encryption (there is no universe key to authenticate the manifest)",
                 self.name
@@ -896,8 +896,7 @@ impl BlockSink for RestoreSink {
         // Every epoch a restored slot used, and every epoch the source had
         // reserved, stays used: the next start reserves one above.
         header.epoch = self.max_epoch;
-        let keys = Some(Arc::clone(&self.keys));
-        let slot = Export::header_slot_bytes(&header, &keys)?;
+        let slot = Export::header_slot_bytes(&header, Some(&self.keys))?;
         let f = self.file.take().ok_or("finish before begin")?;
         f.write_all_at(&slot, 0)?;
         f.write_all_at(&slot, format::HEADER_SLOT)?;

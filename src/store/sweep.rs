@@ -59,7 +59,7 @@ impl Export {
         active: u32,
     ) -> Result<ChunkResult, StoreError> {
         let mut res = ChunkResult::default();
-        if self.keys.is_none() || n == 0 {
+        if !self.encrypted() || n == 0 {
             return Ok(res);
         }
         let nblocks = format::blocks_for(self.size());
@@ -133,6 +133,130 @@ impl Export {
     }
 }
 
+/// What [`Export::purge_plaintext`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PurgeResult {
+    /// Plaintext blocks re-encrypted on the way (writes that raced).
+    pub rewritten: u64,
+    /// Superseded plaintext slots zeroed.
+    pub slots_zeroed: u64,
+    /// Data areas of trimmed or unwritten blocks punched (or zeroed).
+    pub areas_punched: u64,
+    /// Blocks still plaintext (damaged: neither slot matches the data).
+    pub plaintext_left: u64,
+}
+
+impl Export {
+    /// Removes what plaintext an encrypted export may still hold once every
+    /// block is re-encrypted: per group, any block still plaintext is
+    /// re-encrypted first; then, under the group's locks and after an
+    /// fsync (so the newest slot and its data are durable), a superseded
+    /// plaintext slot beside a valid encrypted or zero slot is zeroed (its
+    /// check is a hash of plaintext) and the data areas of trimmed and
+    /// unwritten blocks are punched out (overwritten with zeros where the
+    /// file system cannot punch holes).
+    pub fn purge_plaintext(&self, active: u32) -> Result<PurgeResult, StoreError> {
+        let mut res = PurgeResult::default();
+        if !self.encrypted() {
+            return Ok(res);
+        }
+        let nblocks = format::blocks_for(self.size());
+        let mut first = 0;
+        while first < nblocks {
+            let last = (first + GROUP_BLOCKS).min(nblocks) - 1;
+            res.rewritten += self
+                .reencrypt_chunk(first, last - first + 1, active)?
+                .rewritten;
+            self.purge_group(first, last, &mut res)?;
+            first = last + 1;
+        }
+        self.io
+            .sync_data()
+            .map_err(|source| self.io_err("fdatasync", source))?;
+        Ok(res)
+    }
+
+    fn purge_group(&self, first: u64, last: u64, res: &mut PurgeResult) -> Result<(), StoreError> {
+        let n = (last - first + 1) as usize;
+        let _gate = self.request_gate();
+        let _g = self.locks.lock(first, last);
+        let mut pairs = vec![0u8; n * PAIR_SIZE];
+        self.io
+            .read_full_at(&mut pairs, format::pair_offset(first))
+            .map_err(|source| self.io_err("read slots of", source))?;
+        // Newest slots and data written before this point become durable
+        // before an older slot is dropped.
+        self.io
+            .sync_data()
+            .map_err(|source| self.io_err("fdatasync", source))?;
+        let mut data = vec![0u8; n * BLOCK_SIZE];
+        self.io
+            .read_full_at(&mut data, format::data_offset(first))
+            .map_err(|source| self.io_err("read", source))?;
+        let mut cache = KeyCache::default();
+        let mut new_pairs = pairs.clone();
+        let mut punch = vec![false; n];
+        for (i, (p, d)) in pairs
+            .chunks_exact(PAIR_SIZE)
+            .zip(data.chunks_exact(BLOCK_SIZE))
+            .enumerate()
+        {
+            let block = first + i as u64;
+            match self.resolve_block(block, p, d, &mut cache)? {
+                Resolution::Unwritten | Resolution::TornFirst => {
+                    punch[i] = d.iter().any(|&x| x != 0);
+                }
+                Resolution::Valid { index, slot, .. }
+                    if slot.kind == Kind::Zero || slot.key_version != 0 =>
+                {
+                    if slot.kind == Kind::Zero {
+                        punch[i] = d.iter().any(|&x| x != 0);
+                    }
+                    let other = 1 - index;
+                    let o = &mut new_pairs[i * PAIR_SIZE..(i + 1) * PAIR_SIZE]
+                        [other * format::SLOT_SIZE..(other + 1) * format::SLOT_SIZE];
+                    if let format::SlotRead::Used(s) = &format::decode_pair(p)[other] {
+                        if s.key_version == 0 && s.kind == Kind::Data {
+                            o.fill(0);
+                            res.slots_zeroed += 1;
+                        }
+                    }
+                }
+                Resolution::Valid { .. } => res.plaintext_left += 1,
+                Resolution::CantTell => {
+                    if format::decode_pair(p).iter().any(|s| {
+                        matches!(s, format::SlotRead::Used(s) if s.kind == Kind::Data && s.key_version == 0)
+                    }) {
+                        res.plaintext_left += 1;
+                    }
+                }
+            }
+        }
+        if new_pairs != pairs {
+            self.io
+                .write_all_at(&new_pairs, format::pair_offset(first))
+                .map_err(|source| self.io_err("write slots of", source))?;
+        }
+        let zeros = vec![0u8; BLOCK_SIZE];
+        for (i, _) in punch.iter().enumerate().filter(|(_, p)| **p) {
+            let at = format::data_offset(first + i as u64);
+            self.io.punch_hole(at, BLOCK_SIZE_U64);
+            let mut back = vec![0u8; BLOCK_SIZE];
+            self.io
+                .read_full_at(&mut back, at)
+                .map_err(|source| self.io_err("read", source))?;
+            if back != zeros {
+                // No hole punching here: overwrite with zeros instead.
+                self.io
+                    .write_all_at(&zeros, at)
+                    .map_err(|source| self.io_err("write", source))?;
+            }
+            res.areas_punched += 1;
+        }
+        Ok(())
+    }
+}
+
 /// The persisted sweep state (`sweep.json`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -146,6 +270,10 @@ pub struct SweepFile {
     /// Per export: the next block to visit (everything before it was under
     /// `target_version`, and synced, when this was written).
     pub cursor: BTreeMap<String, u64>,
+    /// Set by `keys encrypt`: once no block is plaintext any more, the
+    /// plaintext residue (old slots, trimmed data areas) is purged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub purge_plaintext: bool,
 }
 
 impl SweepFile {
@@ -175,6 +303,16 @@ impl SweepFile {
         let mut f = Self::load(data_dir);
         f.format = 1;
         f.paused = paused;
+        f.save(data_dir)
+    }
+
+    /// Records that the plaintext residue must be purged once the sweep has
+    /// re-encrypted every plaintext block (`keys encrypt`, before the
+    /// switch, so a crash after it still purges).
+    pub fn set_purge_plaintext(data_dir: &Path) -> Result<(), StoreError> {
+        let mut f = Self::load(data_dir);
+        f.format = 1;
+        f.purge_plaintext = true;
         f.save(data_dir)
     }
 
@@ -397,6 +535,12 @@ impl Sweeper {
     pub fn passes(&self) -> u64 {
         self.shared.passes.load(Ordering::Acquire)
     }
+
+    /// True while a `keys encrypt` has plaintext left to re-encrypt or purge.
+    pub fn purge_pending(&self) -> bool {
+        let _g = lock(&self.shared.file_lock);
+        SweepFile::load(&self.shared.data_dir).purge_plaintext
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -525,6 +669,40 @@ impl Run {
                 st.export = None;
                 st.error = None;
             });
+            if self.file.purge_plaintext {
+                if matches!(self.parked, Some((a, _)) if a == active) {
+                    return Ok(false);
+                }
+                self.update_status(|st| st.state = "purging".into());
+                let mut left = 0;
+                for e in &exports {
+                    let p = e.purge_plaintext(active)?;
+                    tracing::info!(
+                        export = e.name(),
+                        rewritten = p.rewritten,
+                        slots = p.slots_zeroed,
+                        punched = p.areas_punched,
+                        left = p.plaintext_left,
+                        "plaintext residue purged"
+                    );
+                    left += p.plaintext_left;
+                }
+                self.update_status(|st| st.state = "done".into());
+                if left > 0 {
+                    tracing::warn!(blocks = left,
+                        "plaintext blocks the sweep cannot re-encrypt (damaged: `ear-sidecar check --repair` resolves them)");
+                    self.parked = Some((active, left));
+                    return Ok(false);
+                }
+                self.file.purge_plaintext = false;
+                self.file.target_version = active;
+                self.file.cursor.clear();
+                self.save()?;
+                tracing::info!(
+                    "encryption complete: no plaintext block or residue remains in the exports"
+                );
+                return Ok(false);
+            }
             // A finished sweep leaves no cursor behind (and a directory
             // that never rotated gets no file).
             if !self.file.cursor.is_empty() {

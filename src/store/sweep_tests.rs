@@ -292,3 +292,99 @@ fn sweeper_parks_when_only_damaged_blocks_are_left() {
     assert_eq!(e.header_key_version(), v2);
     sw.stop();
 }
+
+/// True when `needle` occurs anywhere in the backing file of `t`.
+fn file_holds(dir: &std::path::Path, needle: &[u8]) -> bool {
+    let raw = std::fs::read(dir.join("exports").join("t.ear")).unwrap();
+    raw.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn plaintext_export_switches_live_sweeps_version_0_and_purges_residue() {
+    let d = tempfile::tempdir().unwrap();
+    let size = 2 << 20; // 2 groups
+    let marker = b"PLAINTEXT-MARKER!";
+    let mblock: Vec<u8> = marker.iter().copied().cycle().take(BLOCK_SIZE).collect();
+    let s = Arc::new(Store::open(d.path(), DIR_ID, None, &specs(size)).unwrap());
+    let e = Arc::clone(s.get("t").unwrap());
+    for b in 0..8u64 {
+        e.write(b * 4096, &mut mblock.clone(), false).unwrap();
+    }
+    // Block 3 rewritten (its old slot is a plaintext check), 5 trimmed.
+    e.write(3 * 4096, &mut mblock.clone(), false).unwrap();
+    e.trim(5 * 4096, 4096, false).unwrap();
+    wait_census(&e);
+    assert_eq!(counts(&e), BTreeMap::from([(0, 7)]));
+
+    let r = ring();
+    s.enable_encryption(&r).unwrap();
+    assert!(e.encrypted());
+    assert_eq!(e.header_key_version(), 1);
+    // Plaintext blocks read as before; a new write is encrypted.
+    let mut out = vec![0u8; BLOCK_SIZE];
+    e.read(2 * 4096, &mut out).unwrap();
+    assert_eq!(out, mblock);
+    e.write(300 * 4096, &mut block(300), false).unwrap();
+    assert_eq!(counts(&e), BTreeMap::from([(0, 7), (1, 1)]));
+
+    SweepFile::set_purge_plaintext(d.path()).unwrap();
+    let sw = Sweeper::start(&s, Arc::clone(&r), d.path(), 0);
+    let t = Instant::now();
+    while sw.purge_pending() {
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", sw.status());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sw.stop();
+    assert_eq!(counts(&e), BTreeMap::from([(1, 8)]));
+    for b in [0u64, 3, 7] {
+        e.read(b * 4096, &mut out).unwrap();
+        assert_eq!(out, mblock, "block {b}");
+    }
+    e.read(5 * 4096, &mut out).unwrap();
+    assert!(out.iter().all(|&x| x == 0));
+    s.close().unwrap();
+    assert!(!file_holds(d.path(), marker), "plaintext left in the file");
+    // No used slot names key version 0 any more.
+    let raw = std::fs::read(d.path().join("exports").join("t.ear")).unwrap();
+    let pairs = &raw[format::pair_offset(0) as usize..][..8 * format::PAIR_SIZE];
+    for p in pairs.chunks_exact(format::PAIR_SIZE) {
+        for sl in format::decode_pair(p) {
+            if let format::SlotRead::Used(sl) = sl {
+                assert!(
+                    sl.kind == format::Kind::Zero || sl.key_version == 1,
+                    "{sl:?}"
+                );
+            }
+        }
+    }
+    drop(s);
+    // Reopened with the keys: everything reads back.
+    let s = Store::open(d.path(), DIR_ID, Some(r), &[]).unwrap();
+    s.get("t").unwrap().read(7 * 4096, &mut out).unwrap();
+    assert_eq!(out, mblock);
+}
+
+#[test]
+fn a_plaintext_header_under_keys_is_switched_at_open() {
+    let d = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(d.path(), DIR_ID, None, &specs(1 << 20)).unwrap();
+        s.get("t").unwrap().write(0, &mut block(1), true).unwrap();
+        s.close().unwrap();
+    }
+    // The registry went on, then a crash before the header was rewritten.
+    let r = ring();
+    {
+        let s = Store::open(d.path(), DIR_ID, Some(Arc::clone(&r)), &[]).unwrap();
+        let e = s.get("t").unwrap();
+        assert!(e.encrypted());
+        assert_eq!(e.header_key_version(), 1);
+        let mut out = vec![0u8; BLOCK_SIZE];
+        e.read(0, &mut out).unwrap();
+        assert_eq!(out, block(1));
+        s.close().unwrap();
+    }
+    // The header is encrypted now: encryption off is refused.
+    let err = Store::open(d.path(), DIR_ID, None, &[]).unwrap_err();
+    assert!(err.to_string().contains("encrypted"), "{err}");
+}

@@ -97,7 +97,7 @@ fn survives_reopen_and_rejects_wrong_key() {
     let err = Store::open(d.path(), DIR_ID, Some(ring_with([4; 32])), &[]).unwrap_err();
     assert!(err.to_string().contains("authentication failed"), "{err}");
     let err = Store::open(d.path(), DIR_ID, None, &[]).unwrap_err();
-    assert!(err.to_string().contains("neither be added"), "{err}");
+    assert!(err.to_string().contains("cannot be removed"), "{err}");
     let err = Store::open(d.path(), [0; 16], Some(ring_with([3; 32])), &[]).unwrap_err();
     assert!(err.to_string().contains("another data directory"), "{err}");
 }
