@@ -13,28 +13,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::python::{decrypt, decryptor, require_python_cryptography};
+
 use std::process::Command;
 
 use common::{qemu_io, require_tool, run, Sidecar};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
-
-fn decryptor() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/decrypt_ear.py")
-}
-
-fn require_python_cryptography() {
-    require_tool("python3");
-    let out = run(Command::new("python3").args(["-c", "import cryptography, xxhash"]));
-    assert!(
-        out.status.success(),
-        "python3 cannot import the `cryptography` and `xxhash` packages \
-         (pip install cryptography xxhash):\n{}",
-        out.stderr
-    );
-}
 
 /// One write applied both to the export (through qemu-io) and to the
 /// expected image.
@@ -63,35 +49,6 @@ impl Op {
         };
         image[off..off + len].fill(fill);
     }
-}
-
-fn decrypt(s: &Sidecar, export: &str) -> (Vec<u8>, serde_json::Value) {
-    let out_file = s.root().join(format!("{export}.plain"));
-    let out = run(Command::new("python3")
-        .arg(decryptor())
-        .arg("--data-dir")
-        .arg(s.data_dir())
-        .arg("--kek-file")
-        .arg(s.kek_file())
-        .args(["--export", export])
-        .arg("--output")
-        .arg(&out_file));
-    assert!(
-        out.status.success(),
-        "decrypt_ear.py failed ({}):\n{}",
-        out.status,
-        out.both()
-    );
-    let seen = out
-        .stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("SEEN "))
-        .and_then(|j| serde_json::from_str(j).ok())
-        .unwrap_or_else(|| panic!("no SEEN line from decrypt_ear.py:\n{}", out.stderr));
-    (
-        std::fs::read(&out_file).expect("read decrypted image"),
-        seen,
-    )
 }
 
 fn assert_same(got: &[u8], want: &[u8], what: &str) {

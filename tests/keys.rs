@@ -6,29 +6,16 @@
 //! moto_server (`EAR_SKIP_MOTO=1` skips that one, as in `tests/kms_aws.rs`).
 
 mod common;
+
+use common::python::{decrypt, require_python_cryptography};
 #[path = "common/moto.rs"]
 mod moto;
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{qemu_io, require_tool, run, Sidecar};
 use serde_json::Value;
-
-fn decryptor() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/decrypt_ear.py")
-}
-
-fn require_python_cryptography() {
-    require_tool("python3");
-    let out = run(Command::new("python3").args(["-c", "import cryptography, xxhash"]));
-    assert!(
-        out.status.success(),
-        "python3 cannot import `cryptography` and `xxhash` (.ci/run installs them): {}",
-        out.both()
-    );
-}
 
 /// `ear-sidecar keys ARGS... --admin-socket <sidecar's>` (with `--json`).
 fn keys_online(sc: &Sidecar, args: &[&str]) -> common::Output {
@@ -74,45 +61,6 @@ fn sweep_done(v: &Value) -> bool {
     v["counts_exact"] == true
         && v["sweep"]["state"] == "done"
         && v["sweep"]["remaining_blocks"] == 0
-}
-
-/// Decrypts `export` with the Python decryptor; returns the image and what
-/// it saw (key versions of the blocks, header key version).
-fn decrypt(sc: &Sidecar, export: &str) -> (Vec<u8>, Value) {
-    let out_file = sc.root().join(format!("{export}.plain"));
-    let out = run(Command::new("python3")
-        .arg(decryptor())
-        .arg("--data-dir")
-        .arg(sc.data_dir())
-        .arg("--kek-file")
-        .arg(sc.kek_file())
-        .args(["--export", export])
-        .arg("--output")
-        .arg(&out_file));
-    assert!(out.status.success(), "decrypt_ear.py: {}", out.both());
-    let seen = out
-        .stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("SEEN "))
-        .and_then(|j| serde_json::from_str(j).ok())
-        .unwrap_or_else(|| panic!("no SEEN line: {}", out.stderr));
-    (std::fs::read(&out_file).unwrap(), seen)
-}
-
-/// GET /metrics.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP answer");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
 }
 
 fn fio_job(sc: &Sidecar, verify_only: bool) -> Child {
@@ -355,7 +303,7 @@ fn retire_refused_with_a_count_then_offline_sweep_rotate_and_retire() {
         out.stdout
     );
     // The metrics say the same, and pass promtool.
-    let text = scrape(sc.metrics_addr());
+    let text = common::scrape_metrics(sc.metrics_addr());
     for line in [
         "ear_key_version_blocks{export=\"a\",version=\"1\"} 256",
         "ear_key_version_blocks{export=\"a\",version=\"2\"} 0",

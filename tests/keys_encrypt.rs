@@ -7,6 +7,8 @@
 //! directory restarts with `--encryption on` (and refuses `--encryption off`).
 
 mod common;
+
+use common::python::{decrypt, require_python_cryptography};
 #[path = "common/moto.rs"]
 mod moto;
 
@@ -20,16 +22,6 @@ use common::{qemu_io, require_tool, run, sidecar_bin, Sidecar};
 use serde_json::Value;
 
 const MARKER: &[u8] = b"EAR-PLAINTEXT-MARKER-7f3a9c";
-
-fn require_python_cryptography() {
-    require_tool("python3");
-    let out = run(Command::new("python3").args(["-c", "import cryptography, xxhash"]));
-    assert!(
-        out.status.success(),
-        "python3 cannot import `cryptography` and `xxhash` (.ci/run installs them): {}",
-        out.both()
-    );
-}
 
 /// `len` bytes of the marker, repeated (every 4 KiB block holds it).
 fn marker_image(len: usize) -> Vec<u8> {
@@ -75,43 +67,6 @@ fn assert_no_marker(data_dir: &Path) {
         out.both()
     );
     assert!(common::scan_dir_for(data_dir, MARKER).is_empty());
-}
-
-fn decrypt(sc: &Sidecar, export: &str) -> (Vec<u8>, Value) {
-    let out_file = sc.root().join(format!("{export}.plain"));
-    let out = run(Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/decrypt_ear.py"))
-        .arg("--data-dir")
-        .arg(sc.data_dir())
-        .arg("--kek-file")
-        .arg(sc.kek_file())
-        .args(["--export", export])
-        .arg("--output")
-        .arg(&out_file));
-    assert!(out.status.success(), "decrypt_ear.py: {}", out.both());
-    let seen = out
-        .stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("SEEN "))
-        .and_then(|j| serde_json::from_str(j).ok())
-        .unwrap_or_else(|| panic!("no SEEN line: {}", out.stderr));
-    (std::fs::read(&out_file).unwrap(), seen)
-}
-
-/// GET /metrics.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP answer");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
 }
 
 fn encrypt_args(sc: &Sidecar) -> Vec<String> {
@@ -300,7 +255,7 @@ fn online_encrypt_under_fio_leaves_no_plaintext() {
     }
     assert!(read_export(&sc, "b", "b.after") == want_b);
     // The metrics gained the keys and the sweep without a restart.
-    let text = scrape(sc.metrics_addr());
+    let text = common::scrape_metrics(sc.metrics_addr());
     for line in [
         "ear_key_versions_loaded 1",
         "ear_key_version_blocks{export=\"b\",version=\"1\"} 1984",

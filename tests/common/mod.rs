@@ -28,6 +28,7 @@
 
 pub mod client;
 pub mod in_process;
+pub mod python;
 
 pub use client::Client;
 
@@ -786,4 +787,21 @@ pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     f.read_exact_at(&mut v, offset)
         .unwrap_or_else(|e| panic!("read {len} bytes at {offset} of {}: {e}", path.display()));
     v
+}
+
+/// `GET /metrics` from the sidecar's metrics listener at `addr`; the body of
+/// a 200 answer.
+pub fn scrape_metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
 }
