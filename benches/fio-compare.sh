@@ -11,6 +11,9 @@
 #   RUNTIME=10      seconds per fio job            ROUNDS=2   repetitions
 #   SIZE=512M       export size                    PEERS=0    1: add LUKS/qemu peers
 #   WORKLOADS="seqwrite seqread randwrite randread"   (or any RW-BS-qdN, e.g. randread-64k-qd8)
+#                   tserver-like ones: writeback (seq write 128 KiB QD8), multiconn (rand read
+#                   4 KiB QD32 over 4 connections), mix (70/30 rand 16 KiB QD16), wal (seq 4 KiB
+#                   writes with an fdatasync every 8); ALL=1 runs all eight
 #   BIN=target/release/ear-sidecar                 NO_BUILD=0 1: do not run cargo build
 #   BASE_BIN=       another ear-sidecar binary (e.g. a build of the previous
 #                   commit): adds targets base-on / base-off for A/B in one run
@@ -43,6 +46,7 @@ ROUNDS=${ROUNDS:-2}
 SIZE=${SIZE:-512M}
 PEERS=${PEERS:-0}
 WORKLOADS=${WORKLOADS:-"seqwrite seqread randwrite randread"}
+[[ "${ALL:-0}" == 1 ]] && WORKLOADS="seqwrite seqread randwrite randread writeback multiconn mix wal"
 BIN=${BIN:-target/release/ear-sidecar}
 METRICS=${METRICS:-0}
 METRICS_PORT=${METRICS_PORT:-19898}
@@ -191,6 +195,16 @@ job_args() { # workload -> fio arguments
         seqread) echo "--rw=read --bs=1M --iodepth=1" ;;
         randwrite) echo "--rw=randwrite --bs=4k --iodepth=4" ;;
         randread) echo "--rw=randread --bs=4k --iodepth=4" ;;
+        # What a tserver behind kernel nbd produces:
+        # writeback: sequential 128 KiB writes, 8 in flight.
+        writeback) echo "--rw=write --bs=128k --iodepth=8" ;;
+        # multiconn: 4 KiB random reads at QD32 over 4 connections (fio job per connection).
+        multiconn) echo "--rw=randread --bs=4k --iodepth=8 --numjobs=4 --group_reporting" ;;
+        # mix: 70/30 random read/write of 16 KiB at QD16.
+        mix) echo "--rw=randrw --rwmixread=70 --bs=16k --iodepth=16" ;;
+        # wal: sequential 4 KiB appends with a sync (NBD FLUSH) every 8 writes (fio's nbd
+        # engine maps fsync, not fdatasync, to FLUSH).
+        wal) echo "--rw=write --bs=4k --iodepth=1 --fsync=8" ;;
         # Any other mix as RW-BS-qdN, e.g. randread-64k-qd8 (RW: read write randread randwrite).
         *-*-qd*)
             local rw=${1%%-*} rest=${1#*-}
@@ -239,94 +253,4 @@ for t in "${TARGETS[@]}"; do
 done
 
 # ---- report ---------------------------------------------------------------
-python3 - "$RESULTS" "$RUNTIME" "$(getconf CLK_TCK)" "$WORKLOADS" "${TARGETS[@]}" <<'EOF'
-import json, os, statistics, sys
-
-res, runtime, hz, workloads, targets = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4].split(), sys.argv[5:]
-
-def metric_sum(path, name):
-    """Sum of every sample of `name` (all label sets) in a Prometheus text file."""
-    total = 0.0
-    with open(path) as f:
-        for line in f:
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                total += float(line.rsplit(None, 1)[1])
-    return total
-
-
-summary = {}
-for w in workloads:
-    for t in targets:
-        tps, p99s, p50s, cpus, overheads, cpu_per_gb = [], [], [], [], [], []
-        r = 1
-        while os.path.exists(f"{res}/{w}.{t}.r{r}.json"):
-            with open(f"{res}/{w}.{t}.r{r}.json") as f:
-                txt = f.read()
-            # fio may print notices before the JSON document.
-            j = json.loads(txt[txt.index("{"):])
-            job = j["jobs"][0]
-            d = job["write"] if "write" in w else job["read"]
-            tps.append(d["bw_bytes"] / 1e6 if w.startswith("seq") or "-" in w else d["iops"])
-            pct = d["clat_ns"].get("percentile", {})
-            p99s.append(pct.get("99.000000", 0) / 1e3)
-            p50s.append(pct.get("50.000000", 0) / 1e3)
-            with open(f"{res}/{w}.{t}.r{r}.cpu") as f:
-                cpu_s = int(f.read()) / hz
-            cpus.append(cpu_s / (runtime + 1) * 100)
-            # Bytes moved over the CPU measurement window (runtime + 1 s ramp).
-            moved = d["bw_bytes"] * (runtime + 1)
-            if moved > 0:
-                cpu_per_gb.append(cpu_s / (moved / 1e9))
-            m0, m1 = f"{res}/{w}.{t}.r{r}.metrics0", f"{res}/{w}.{t}.r{r}.metrics1"
-            if os.path.exists(m0) and os.path.exists(m1):
-                crypto = metric_sum(m1, "ear_request_crypto_seconds_sum") - metric_sum(m0, "ear_request_crypto_seconds_sum")
-                total = metric_sum(m1, "ear_request_duration_seconds_sum") - metric_sum(m0, "ear_request_duration_seconds_sum")
-                if total > 0:
-                    overheads.append(crypto / total)
-            r += 1
-        if tps:
-            summary.setdefault(w, {})[t] = {
-                "throughput": statistics.mean(tps), "runs": tps,
-                "unit": "MB/s" if w.startswith("seq") or "-" in w else "IOPS",
-                "p50_us": statistics.median(p50s), "p99_us": statistics.median(p99s),
-                "server_cpu_pct": statistics.mean(cpus),
-                "server_cpu_s_per_gb": statistics.mean(cpu_per_gb) if cpu_per_gb else None,
-                "overhead_ratio_runs": overheads,
-            }
-with open(f"{res}/summary.json", "w") as f:
-    json.dump(summary, f, indent=2)
-
-names = {"seqwrite": "seq write 1 MiB QD1", "seqread": "seq read 1 MiB QD1",
-         "randwrite": "rand write 4 KiB QD4", "randread": "rand read 4 KiB QD4"}
-print()
-print(f"results in {res}")
-print()
-hdr = "| workload | target | throughput | p50 µs | p99 µs | server CPU | ×nbdkit | ×ear-off | runs |"
-print(hdr)
-print("|" + "---|" * (hdr.count("|") - 1))
-for w, row in summary.items():
-    ref = row.get("nbdkit", {}).get("throughput")
-    off = row.get("ear-off", {}).get("throughput")
-    for t, s in row.items():
-        tp = s["throughput"]
-        unit = s["unit"]
-        tps = f"{tp:,.0f} {unit}"
-        rn = f"{tp / ref:.2f}" if ref else "-"
-        ro = f"{tp / off:.2f}" if off else "-"
-        runs = " ".join(f"{x:,.0f}" for x in s["runs"])
-        print(f"| {names.get(w, w)} | {t} | {tps} | {s['p50_us']:,.0f} | {s['p99_us']:,.0f} | {s['server_cpu_pct']:.0f} % | {rn} | {ro} | {runs} |")
-if any(s.get("overhead_ratio_runs") for row in summary.values() for s in row.values()):
-    print()
-    print("EAR overhead ratio (crypto s / request s, as instance_export:ear_overhead:ratio_rate5m) and CPU per GB:")
-    print()
-    print("| workload | target | overhead ratio per run | server CPU s per GB |")
-    print("|---|---|---|---|")
-    for w, row in summary.items():
-        for t, s in row.items():
-            if s.get("overhead_ratio_runs"):
-                runs = " ".join(f"{x:.3f}" for x in s["overhead_ratio_runs"])
-                cpg = s["server_cpu_s_per_gb"]
-                print(f"| {names.get(w, w)} | {t} | {runs} | {cpg:.2f} |" if cpg is not None else f"| {names.get(w, w)} | {t} | {runs} | - |")
-print()
-print("Targets: ear-on ≥ 0.85 × nbdkit on 1 MiB sequential, ≥ 0.8 × on 4 KiB random, ≥ 0.9 × ear-off.")
-EOF
+python3 benches/fio-report.py "$RESULTS" "$RUNTIME" "$(getconf CLK_TCK)" "$WORKLOADS" "${TARGETS[@]}"

@@ -1,5 +1,14 @@
-//! The local-directory target: temp file, fsync, rename, fsync directory
-//! (for a backup's objects: once per directory, before the manifest).
+//! The local-directory target: temp file, fsync, rename, fsync directory.
+//!
+//! A backup's objects (`put_staged`) are batched instead: each is written to
+//! a temporary file without a sync, and once a batch holds
+//! [`STAGE_BATCH`] bytes (and at `sync_staged`) one `syncfs(2)` makes every
+//! temporary of the batch durable, then they are renamed into place. A
+//! name therefore still always means a complete object, but the disk sees
+//! one flush per batch rather than one per object (an fsync per 4 MiB
+//! object held a backup to a third of the disk's sequential speed).
+//! `syncfs` also writes back other dirty data of that file system: work that
+//! page-cache writeback would do anyway, only earlier.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -16,7 +25,24 @@ pub struct LocalTarget {
     /// Directories holding names created by `put_staged` and not yet
     /// synced (shared by clones: the blocking tasks work on clones).
     pub(super) unsynced: Arc<std::sync::Mutex<std::collections::BTreeSet<PathBuf>>>,
+    /// Objects written to temporaries by `put_staged`, not yet synced and
+    /// renamed (shared by clones).
+    staged: Arc<std::sync::Mutex<Staged>>,
+    /// Staged bytes at which a batch is committed.
+    batch_bytes: u64,
 }
+
+/// A batch of staged objects: (temporary, destination) and their bytes.
+#[derive(Debug, Default)]
+struct Staged {
+    files: Vec<(PathBuf, PathBuf)>,
+    bytes: u64,
+}
+
+/// Staged bytes after which a batch is synced and renamed into place: large
+/// enough that the flush is cheap next to the writes, small enough that an
+/// interrupted backup leaves most of its objects for the next one to re-use.
+pub const STAGE_BATCH: u64 = 64 << 20;
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TargetError {
     let path = path.to_path_buf();
@@ -51,12 +77,22 @@ impl LocalTarget {
             Ok(Self {
                 root,
                 unsynced: Arc::default(),
+                staged: Arc::default(),
+                batch_bytes: STAGE_BATCH,
             })
         })
         .await
     }
 
     /// The directory.
+    /// Commits staged objects in batches of `bytes` instead of
+    /// [`STAGE_BATCH`] (1: each object on its own, synced and renamed
+    /// before `put_staged` returns).
+    pub fn with_batch_bytes(mut self, bytes: u64) -> Self {
+        self.batch_bytes = bytes.max(1);
+        self
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -67,6 +103,11 @@ impl LocalTarget {
 
     /// Writes `data` to a fresh temporary file, fsynced; returns its path.
     fn write_temp(&self, data: &[u8]) -> Result<PathBuf, TargetError> {
+        self.write_temp_with(data, true)
+    }
+
+    /// Writes `data` to a fresh temporary file (fsynced if `sync`).
+    fn write_temp_with(&self, data: &[u8], sync: bool) -> Result<PathBuf, TargetError> {
         let mut r = [0u8; 12];
         crate::crypto::fill_random(&mut r).map_err(|e| TargetError::Invalid(e.to_string()))?;
         let tmp = self.root.join(TMP_DIR).join(hex::encode(r));
@@ -77,7 +118,19 @@ impl LocalTarget {
             .map_err(io("creating", &tmp))?;
         let res = f
             .write_all(data)
-            .and_then(|_| f.sync_all())
+            .and_then(|_| {
+                if sync {
+                    f.sync_all()
+                } else {
+                    // Start the write-back now (POSIX_FADV_DONTNEED writes
+                    // dirty pages without waiting, and drops them from the
+                    // page cache once clean): the batch's flush then finds
+                    // most of it on disk, and backup data does not crowd
+                    // the page cache of the node's database.
+                    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed)
+                        .map_err(std::io::Error::from)
+                }
+            })
             .map_err(io("writing", &tmp));
         if res.is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -155,6 +208,59 @@ impl LocalTarget {
         }
         res?;
         Ok(parent)
+    }
+
+    /// Writes a staged object to an unsynced temporary; commits the batch
+    /// once it is full.
+    fn stage(&self, key: &ObjectKey, data: &[u8]) -> Result<(), TargetError> {
+        let dst = self.path(key);
+        self.ensure_parent(&dst)?;
+        let tmp = self.write_temp_with(data, false)?;
+        let full = {
+            let mut s = self.staged.lock().unwrap_or_else(|p| p.into_inner());
+            s.files.push((tmp, dst));
+            s.bytes += data.len() as u64;
+            (s.bytes >= self.batch_bytes).then(|| std::mem::take(&mut *s))
+        };
+        match full {
+            Some(batch) => self.commit(batch),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes a batch's temporaries durable with one `syncfs`, then renames
+    /// them into place; their directories join the unsynced set. On an
+    /// error the batch's temporaries are removed (the objects are simply
+    /// absent, which the caller's error makes it retry or give up on).
+    fn commit(&self, batch: Staged) -> Result<(), TargetError> {
+        if batch.files.is_empty() {
+            return Ok(());
+        }
+        let res = self.syncfs().and_then(|()| {
+            for (tmp, dst) in &batch.files {
+                std::fs::rename(tmp, dst).map_err(io("renaming into", dst))?;
+                if let Some(d) = dst.parent() {
+                    self.unsynced
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(d.to_path_buf());
+                }
+            }
+            Ok(())
+        });
+        if res.is_err() {
+            for (tmp, _) in &batch.files {
+                let _ = std::fs::remove_file(tmp);
+            }
+        }
+        res
+    }
+
+    /// `syncfs(2)` on the target's file system.
+    fn syncfs(&self) -> Result<(), TargetError> {
+        std::fs::File::open(&self.root)
+            .and_then(|d| rustix::fs::syncfs(&d).map_err(std::io::Error::from))
+            .map_err(io("syncing the file system of", &self.root))
     }
 
     fn list_sync(&self, prefix: &str) -> Result<Vec<ObjectInfo>, TargetError> {
@@ -273,20 +379,14 @@ impl BackupTarget for LocalTarget {
 
     async fn put_staged(&self, key: &ObjectKey, data: Bytes) -> Result<(), TargetError> {
         let (t, k) = (self.clone(), key.clone());
-        blocking(move || {
-            let parent = t.put_unsynced(&k, &data, true)?;
-            t.unsynced
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(parent);
-            Ok(())
-        })
-        .await
+        blocking(move || t.stage(&k, &data)).await
     }
 
     async fn sync_staged(&self) -> Result<(), TargetError> {
         let t = self.clone();
         blocking(move || {
+            let batch = std::mem::take(&mut *t.staged.lock().unwrap_or_else(|p| p.into_inner()));
+            t.commit(batch)?;
             let dirs = std::mem::take(&mut *t.unsynced.lock().unwrap_or_else(|p| p.into_inner()));
             for (i, d) in dirs.iter().enumerate() {
                 if let Err(e) = sync_dir(d) {

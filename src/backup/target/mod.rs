@@ -6,8 +6,9 @@
 //!   complete, whatever crashes mid-way (local: temp file, fsync, rename,
 //!   fsync directory; S3: an object or a completed multipart upload appears
 //!   atomically). `publish` also refuses to replace an existing object.
-//!   `put_staged` is `put` whose name may become durable only at the next
-//!   `sync_staged` (the local target then syncs each directory once).
+//!   `put_staged` is `put` whose object may become visible and durable only
+//!   at the next `sync_staged` (the local target syncs and renames its
+//!   objects in batches).
 //! * `list` shows only complete objects (never temp files or unfinished
 //!   multipart uploads), with their size and modification time.
 //! * `get` of a missing object is [`TargetError::NotFound`].
@@ -150,10 +151,11 @@ pub trait BackupTarget: Send + Sync + fmt::Debug {
     /// an existing object: the commit point of a backup.
     async fn publish(&self, key: &ObjectKey, data: Bytes) -> Result<(), TargetError>;
     /// Stores `data` under `key` like [`BackupTarget::put`] (complete or
-    /// absent, whatever happens), but the object's *name* need only be
+    /// absent, whatever happens), but the object need only be visible and
     /// durable once [`BackupTarget::sync_staged`] returns. Lets a target
-    /// batch its durability work over a whole backup (the local target syncs
-    /// each directory once instead of once per object). Default: `put`.
+    /// batch its durability work over a whole backup (the local target
+    /// flushes once per batch of objects instead of once per object).
+    /// Default: `put`.
     async fn put_staged(&self, key: &ObjectKey, data: Bytes) -> Result<(), TargetError> {
         self.put(key, data).await
     }
@@ -229,7 +231,7 @@ impl Destination {
 mod local;
 mod s3;
 
-pub use local::LocalTarget;
+pub use local::{LocalTarget, STAGE_BATCH};
 pub use s3::{S3Options, S3Target};
 
 #[cfg(test)]
@@ -320,16 +322,26 @@ mod tests {
         t.delete(&k).await.unwrap();
         t.delete(&k).await.unwrap();
         assert!(!t.exists(&k).await.unwrap());
-        // Staged objects are complete and visible at once; sync makes their
-        // names durable (once per directory, then nothing is left to sync).
+        // A staged object appears once its batch is synced: at
+        // sync_staged, or as soon as a batch is full.
         let s = ObjectKey::parse("objects/bb").unwrap();
         t.put_staged(&s, Bytes::from_static(b"staged"))
             .await
             .unwrap();
+        assert!(!t.exists(&s).await.unwrap());
+        t.sync_staged().await.unwrap();
         assert_eq!(&t.get(&s).await.unwrap()[..], b"staged");
+        assert!(t.unsynced.lock().unwrap().is_empty());
+        let big = ObjectKey::parse("objects/cc").unwrap();
+        let payload = Bytes::from(vec![7u8; local::STAGE_BATCH as usize]);
+        t.put_staged(&big, payload).await.unwrap();
+        assert!(
+            t.exists(&big).await.unwrap(),
+            "a full batch is committed at once"
+        );
         assert_eq!(t.unsynced.lock().unwrap().len(), 1);
         t.sync_staged().await.unwrap();
-        assert!(t.unsynced.lock().unwrap().is_empty());
+        t.delete(&big).await.unwrap();
         // An object a backup re-uses instead of storing is synced too.
         assert!(t.exists(&s).await.unwrap());
         assert_eq!(t.unsynced.lock().unwrap().len(), 1);
