@@ -84,7 +84,6 @@ impl LocalTarget {
         .await
     }
 
-    /// The directory.
     /// Commits staged objects in batches of `bytes` instead of
     /// [`STAGE_BATCH`] (1: each object on its own, synced and renamed
     /// before `put_staged` returns).
@@ -93,6 +92,7 @@ impl LocalTarget {
         self
     }
 
+    /// The directory.
     pub fn root(&self) -> &Path {
         &self.root
     }
