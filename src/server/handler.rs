@@ -1,6 +1,11 @@
 //! Request handlers: apply one validated request to an export and build the
-//! complete reply bytes. Runs on the blocking pool (the store does positional
-//! file I/O); no socket access here.
+//! complete reply. Runs on a connection's own threads (the store does
+//! blocking positional file I/O); no socket access here.
+//!
+//! The caller owns the request buffer and lends it for each request: a
+//! WRITE's payload arrives in it (and is encrypted there in place), and a
+//! READ's reply (header, then data) is built in it, so a thread that serves
+//! request after request neither allocates nor zero-fills per request.
 
 use std::time::{Duration, Instant};
 
@@ -63,28 +68,45 @@ pub struct ReplyMode {
     pub base_allocation: Option<u32>,
 }
 
-/// Executes `kind` on `export`. `payload` is the write payload (used as
-/// scratch for encryption). Returns the full reply and what happened.
+/// The reply to send.
+#[derive(Debug)]
+pub enum Reply {
+    /// A small reply of its own (status, error, block status).
+    Small(Bytes),
+    /// The first `n` bytes of the request buffer (a READ's header and data).
+    Buffer(usize),
+}
+
+/// Makes `buf` at least `n` bytes long. It only grows: bytes already there
+/// are reused as they are (a request overwrites what it uses), so a reused
+/// buffer is never zero-filled again.
+pub fn ensure_len(buf: &mut Vec<u8>, n: usize) {
+    if buf.len() < n {
+        buf.resize(n, 0);
+    }
+}
+
+/// Executes `kind` on `export`. For a WRITE, `buf[..len]` holds the payload
+/// (used as scratch for encryption); a READ builds its reply in `buf`.
+/// Returns the reply and what happened.
 pub fn execute(
     export: &Export,
     cookie: u64,
     kind: RequestKind,
-    payload: Option<Vec<u8>>,
+    buf: &mut Vec<u8>,
     mode: ReplyMode,
-) -> (Bytes, Completion) {
+) -> (Reply, Completion) {
     let t0 = Instant::now();
     let op = kind.op();
     let (reply, bytes, res) = match kind {
         RequestKind::Read { offset, len, .. } => {
-            let (reply, res) = read(export, cookie, offset, len, mode, false);
+            let (reply, res) = read(export, cookie, offset, len, mode, buf);
             return finish(reply, op, u64::from(len), res, t0);
         }
         RequestKind::Write { offset, len, fua } => {
-            let mut data = payload.unwrap_or_default();
-            let res = if data.len() == len as usize {
-                export.write(offset, &mut data, fua).map_err(Into::into)
-            } else {
-                Err(RequestFailure::Protocol("payload length mismatch"))
+            let res = match buf.get_mut(..len as usize) {
+                Some(data) => export.write(offset, data, fua).map_err(Into::into),
+                None => Err(RequestFailure::Protocol("payload length mismatch")),
             };
             (None, u64::from(len), res)
         }
@@ -118,7 +140,7 @@ pub fn execute(
                     stats: IoStats::default(),
                     elapsed: t0.elapsed(),
                 };
-                return (b.freeze(), done);
+                return (Reply::Small(b.freeze()), done);
             }
             let res = export.write_zeroes(offset, u64::from(len), no_hole, fua);
             (None, u64::from(len), res.map_err(Into::into))
@@ -147,10 +169,10 @@ pub fn execute(
         }
         (Err(e), _) => error_reply(cookie, e, mode),
     };
-    finish(reply, op, bytes, res, t0)
+    finish(Reply::Small(reply), op, bytes, res, t0)
 }
 
-fn finish(reply: Bytes, op: Op, bytes: u64, res: Outcome, t0: Instant) -> (Bytes, Completion) {
+fn finish(reply: Reply, op: Op, bytes: u64, res: Outcome, t0: Instant) -> (Reply, Completion) {
     let (stats, error) = match res {
         Ok(s) => (s, None),
         Err(e) => {
@@ -193,48 +215,22 @@ fn error_reply(cookie: u64, e: &RequestFailure, mode: ReplyMode) -> Bytes {
     b.freeze()
 }
 
-/// Serves a READ from the page cache without blocking, for the connection's
-/// async task. `None` when it would have to wait (data not cached, a write
-/// in progress): the caller then runs the request on the blocking pool.
-pub fn try_cached_read(
-    export: &Export,
-    cookie: u64,
-    kind: RequestKind,
-    mode: ReplyMode,
-) -> Option<(Bytes, Completion)> {
-    let RequestKind::Read { offset, len, .. } = kind else {
-        return None;
-    };
-    let t0 = Instant::now();
-    let (reply, res) = read(export, cookie, offset, len, mode, true);
-    if let Err(RequestFailure::Store(StoreError::WouldBlock)) = res {
-        return None;
-    }
-    Some(finish(reply, Op::Read, u64::from(len), res, t0))
-}
-
+/// A READ: the reply header, then the data read straight behind it, all in
+/// `buf`, so the reply goes out in one write with no copy.
 fn read(
     export: &Export,
     cookie: u64,
     offset: u64,
     len: u32,
     mode: ReplyMode,
-    nowait: bool,
-) -> (Bytes, Outcome) {
-    let n = len as usize;
-    // The reply header is written in front of the data in the same buffer,
-    // so the whole reply goes out in one write.
+    buf: &mut Vec<u8>,
+) -> (Reply, Outcome) {
     let hdr = if mode.structured { 28 } else { 16 };
-    let mut buf = vec![0u8; hdr + n];
-    let res: Outcome = if nowait {
-        export.try_read_cached(offset, &mut buf[hdr..])
-    } else {
-        export.read(offset, &mut buf[hdr..])
-    }
-    .map_err(Into::into);
-    if let Err(RequestFailure::Store(StoreError::WouldBlock)) = res {
-        return (Bytes::new(), res);
-    }
+    let total = hdr + len as usize;
+    ensure_len(buf, total);
+    let res: Outcome = export
+        .read(offset, &mut buf[hdr..total])
+        .map_err(Into::into);
     match &res {
         Ok(_) => {
             let mut h = BytesMut::with_capacity(hdr);
@@ -242,15 +238,15 @@ fn read(
                 // Cannot fail: len + 8 fits in u32 (len <= max request).
                 if protocol::encode_offset_data_header(&mut h, cookie, offset, len, true).is_err() {
                     let e = RequestFailure::Protocol("reply too large");
-                    return (error_reply(cookie, &e, mode), Err(e));
+                    return (Reply::Small(error_reply(cookie, &e, mode)), Err(e));
                 }
             } else {
                 protocol::encode_simple_reply(&mut h, cookie, 0);
             }
             buf[..hdr].copy_from_slice(&h);
-            (Bytes::from(buf), res)
+            (Reply::Buffer(total), res)
         }
-        Err(e) => (error_reply(cookie, e, mode), res),
+        Err(e) => (Reply::Small(error_reply(cookie, e, mode)), res),
     }
 }
 

@@ -2,17 +2,20 @@
 //! peer-uid allowlist and the connection limit, and drains gracefully.
 //!
 //! Shape of tokio's mini-redis: [`run`] takes an already bound listener and a
-//! shutdown future; each connection is a task owning its buffers
-//! ([`connection`]); requests are applied to the store by [`handler`].
+//! shutdown future; each connection is a task that negotiates
+//! ([`connection`], rules in [`negotiate`]) and then hands the socket to
+//! threads of its own for the transmission phase ([`transmission`]), which
+//! own their buffers; requests are applied to the store by [`handler`].
 
 pub mod connection;
 pub mod handler;
 pub mod negotiate;
 pub mod observe;
+pub mod transmission;
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use tokio::net::UnixListener;
@@ -54,8 +57,11 @@ pub struct ServerConfig {
     /// Peers allowed by SO_PEERCRED uid; `None` allows every uid that can
     /// open the socket (its file mode still applies).
     pub allow_uids: Option<Vec<u32>>,
-    /// Requests in flight per connection.
+    /// Requests in flight per connection (each has a thread; at most
+    /// [`transmission::MAX_THREADS_PER_CONN`]).
     pub max_inflight: usize,
+    /// Connection threads beyond the first of each connection, server-wide.
+    pub max_threads_extra: usize,
     /// Payload bytes in flight across all connections (memory bound).
     pub inflight_bytes: usize,
     /// Time a client has to finish negotiation.
@@ -71,6 +77,7 @@ impl Default for ServerConfig {
             max_connections: 256,
             allow_uids: None,
             max_inflight: 64,
+            max_threads_extra: 256,
             inflight_bytes: 256 << 20,
             handshake_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
@@ -88,7 +95,9 @@ pub struct Shared {
     /// Health latch.
     pub health: Arc<Health>,
     /// Global in-flight payload budget (bytes).
-    pub inflight_bytes: Arc<Semaphore>,
+    pub inflight_bytes: Arc<ByteBudget>,
+    /// Connection threads running, server-wide.
+    pub threads: AtomicUsize,
     /// Per-(export, op) request series; empty when metrics are off.
     pub metrics: RequestMetrics,
 }
@@ -105,11 +114,70 @@ impl Shared {
         let budget = config.inflight_bytes.max(config.max_request as usize);
         Arc::new(Self {
             store,
-            inflight_bytes: Arc::new(Semaphore::new(budget)),
+            inflight_bytes: Arc::new(ByteBudget::new(budget)),
+            threads: AtomicUsize::new(0),
             config,
             health,
             metrics,
         })
+    }
+}
+
+/// A blocking budget of bytes shared by the connection threads: payloads in
+/// flight across all connections stay below it.
+#[derive(Debug)]
+pub struct ByteBudget {
+    total: usize,
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl ByteBudget {
+    /// A budget of `total` bytes.
+    pub fn new(total: usize) -> Self {
+        Self {
+            total,
+            free: Mutex::new(total),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Takes `n` bytes, waiting until they are free. A request larger than
+    /// the whole budget takes all of it (it waits for everything else).
+    pub fn acquire(self: &Arc<Self>, n: usize) -> BytePermit {
+        let n = n.min(self.total);
+        if n > 0 {
+            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            while *free < n {
+                free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
+            }
+            *free -= n;
+        }
+        BytePermit {
+            budget: Arc::clone(self),
+            n,
+        }
+    }
+
+    /// Bytes free now.
+    pub fn available(&self) -> usize {
+        *self.free.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Bytes taken from a [`ByteBudget`], given back on drop.
+#[derive(Debug)]
+pub struct BytePermit {
+    budget: Arc<ByteBudget>,
+    n: usize,
+}
+
+impl Drop for BytePermit {
+    fn drop(&mut self) {
+        if self.n > 0 {
+            *self.budget.free.lock().unwrap_or_else(|p| p.into_inner()) += self.n;
+            self.budget.freed.notify_all();
+        }
     }
 }
 
