@@ -635,3 +635,86 @@ fn socket_mode_and_peer_uid_allowlist() {
     );
     sc.assert_serves("default", 0);
 }
+
+/// A client may send its first requests right behind NBD_OPT_GO, before the
+/// server has answered it: the server must serve them, although they arrive
+/// while it is still negotiating (in the negotiation's read buffer).
+#[test]
+fn requests_pipelined_behind_opt_go_are_served() {
+    let sc = Sidecar::start(&["--export", "default=16M"]);
+    let mut s = greeted(&sc);
+    let data = pattern(3, 9);
+    let mut b = BytesMut::new();
+    b.extend_from_slice(&common::client::go_request("default"));
+    for (command, cookie, payload) in [
+        (NBD_CMD_WRITE, 7u64, &data[..]),
+        (NBD_CMD_READ, 8, &[][..]),
+        (NBD_CMD_FLUSH, 9, &[][..]),
+    ] {
+        protocol::encode_request(
+            &mut b,
+            &protocol::RawRequest {
+                flags: 0,
+                command,
+                cookie,
+                offset: if command == NBD_CMD_FLUSH {
+                    0
+                } else {
+                    3 * 4096
+                },
+                length: if command == NBD_CMD_FLUSH { 0 } else { 4096 },
+            },
+        );
+        b.extend_from_slice(payload);
+    }
+    s.write_all(&b).unwrap();
+    // Option replies up to the final ACK.
+    loop {
+        let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+        s.read_exact(&mut h).unwrap();
+        let h = protocol::parse_option_reply_header(&h).unwrap();
+        let mut skip = vec![0u8; h.length as usize];
+        s.read_exact(&mut skip).unwrap();
+        assert!(!h.is_error(), "GO refused: {:#x}", h.reply_type);
+        if h.reply_type == NBD_REP_ACK {
+            break;
+        }
+    }
+    // All three are answered, in some order (requests in flight together
+    // are not ordered: the read returns the old or the new data).
+    let mut got = std::collections::HashMap::new();
+    for _ in 0..3 {
+        let mut h = [0u8; SIMPLE_REPLY_HEADER_LEN];
+        s.read_exact(&mut h).unwrap();
+        let h = protocol::parse_simple_reply_header(&h).unwrap();
+        assert_eq!(h.error, 0, "request {} failed", h.cookie);
+        let mut payload = Vec::new();
+        if h.cookie == 8 {
+            payload = vec![0u8; 4096];
+            s.read_exact(&mut payload).unwrap();
+            assert!(payload == data || payload == vec![0u8; 4096]);
+        }
+        got.insert(h.cookie, payload);
+    }
+    assert_eq!(got.len(), 3);
+    // Once the write is answered, a read returns it.
+    let mut b = BytesMut::new();
+    protocol::encode_request(
+        &mut b,
+        &protocol::RawRequest {
+            flags: 0,
+            command: NBD_CMD_READ,
+            cookie: 10,
+            offset: 3 * 4096,
+            length: 4096,
+        },
+    );
+    s.write_all(&b).unwrap();
+    let mut h = [0u8; SIMPLE_REPLY_HEADER_LEN];
+    s.read_exact(&mut h).unwrap();
+    let h = protocol::parse_simple_reply_header(&h).unwrap();
+    assert_eq!((h.cookie, h.error), (10, 0));
+    let mut payload = vec![0u8; 4096];
+    s.read_exact(&mut payload).unwrap();
+    assert_eq!(payload, data);
+}

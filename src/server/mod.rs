@@ -61,6 +61,10 @@ pub struct ServerConfig {
     /// [`transmission::MAX_THREADS_PER_CONN`]).
     pub max_inflight: usize,
     /// Connection threads beyond the first of each connection, server-wide.
+    /// Each running thread keeps a request buffer, so this bounds memory at
+    /// many connections (128 keeps 64 connections × QD8 × 128 KiB within
+    /// 64 MiB RSS) while a few busy connections still get their full
+    /// concurrency.
     pub max_threads_extra: usize,
     /// Payload bytes in flight across all connections (memory bound).
     pub inflight_bytes: usize,
@@ -77,7 +81,7 @@ impl Default for ServerConfig {
             max_connections: 256,
             allow_uids: None,
             max_inflight: 64,
-            max_threads_extra: 256,
+            max_threads_extra: 128,
             inflight_bytes: 256 << 20,
             handshake_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
@@ -96,8 +100,8 @@ pub struct Shared {
     pub health: Arc<Health>,
     /// Global in-flight payload budget (bytes).
     pub inflight_bytes: Arc<ByteBudget>,
-    /// Connection threads running, server-wide.
-    pub threads: AtomicUsize,
+    /// Connection threads running beyond the first of each connection.
+    pub extra_threads: AtomicUsize,
     /// Per-(export, op) request series; empty when metrics are off.
     pub metrics: RequestMetrics,
 }
@@ -115,7 +119,7 @@ impl Shared {
         Arc::new(Self {
             store,
             inflight_bytes: Arc::new(ByteBudget::new(budget)),
-            threads: AtomicUsize::new(0),
+            extra_threads: AtomicUsize::new(0),
             config,
             health,
             metrics,

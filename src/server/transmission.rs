@@ -14,7 +14,7 @@
 //! A connection starts with one thread and gains one whenever a thread takes
 //! a request and no other is left to read the next one, up to a per-connection
 //! cap (`max_inflight`, at most [`MAX_THREADS_PER_CONN`]) and a server-wide
-//! one ([`super::Shared::threads`]). The cap is the in-flight request limit;
+//! one ([`super::ServerConfig::max_threads_extra`]). The cap is the in-flight request limit;
 //! payload bytes in flight are bounded server-wide by
 //! [`super::Shared::inflight_bytes`], taken before a payload is read or a
 //! read's reply is built and released once the reply is sent.
@@ -142,10 +142,8 @@ impl Conn {
         // The first thread does not count against the server-wide cap: every
         // connection needs one.
         conn.threads.fetch_add(1, Ordering::AcqRel);
-        conn.shared.threads.fetch_add(1, Ordering::AcqRel);
-        if let Err(e) = spawn(Arc::clone(&conn), tx) {
+        if let Err(e) = spawn(Arc::clone(&conn), tx, false) {
             conn.threads.fetch_sub(1, Ordering::AcqRel);
-            conn.shared.threads.fetch_sub(1, Ordering::AcqRel);
             return Err(e.into());
         }
         Ok((conn, rx))
@@ -187,15 +185,15 @@ impl Conn {
         if mine >= self.max_threads {
             return;
         }
-        let cap = self.shared.config.max_connections + self.shared.config.max_threads_extra;
-        if self.shared.threads.fetch_add(1, Ordering::AcqRel) >= cap {
-            self.shared.threads.fetch_sub(1, Ordering::AcqRel);
+        let cap = self.shared.config.max_threads_extra;
+        if self.shared.extra_threads.fetch_add(1, Ordering::AcqRel) >= cap {
+            self.shared.extra_threads.fetch_sub(1, Ordering::AcqRel);
             return;
         }
         self.threads.fetch_add(1, Ordering::AcqRel);
-        if let Err(e) = spawn(Arc::clone(self), tx.clone()) {
+        if let Err(e) = spawn(Arc::clone(self), tx.clone(), true) {
             self.threads.fetch_sub(1, Ordering::AcqRel);
-            self.shared.threads.fetch_sub(1, Ordering::AcqRel);
+            self.shared.extra_threads.fetch_sub(1, Ordering::AcqRel);
             tracing::debug!(error = %e, "cannot start another connection thread; going on with fewer");
         }
     }
@@ -264,7 +262,8 @@ impl Conn {
         }
     }
 
-    fn run(self: Arc<Self>, tx: DoneTx) {
+    /// The loop of one thread; `extra` for every thread but the first.
+    fn run(self: Arc<Self>, tx: DoneTx, extra: bool) {
         let mut buf: Vec<u8> = Vec::new();
         loop {
             self.readers.fetch_add(1, Ordering::AcqRel);
@@ -302,16 +301,18 @@ impl Conn {
             }
         }
         self.threads.fetch_sub(1, Ordering::AcqRel);
-        self.shared.threads.fetch_sub(1, Ordering::AcqRel);
+        if extra {
+            self.shared.extra_threads.fetch_sub(1, Ordering::AcqRel);
+        }
         drop(tx);
     }
 }
 
-fn spawn(conn: Arc<Conn>, tx: DoneTx) -> std::io::Result<()> {
+fn spawn(conn: Arc<Conn>, tx: DoneTx, extra: bool) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("ear-conn".into())
         .stack_size(STACK)
-        .spawn(move || conn.run(tx))
+        .spawn(move || conn.run(tx, extra))
         .map(|_| ())
 }
 

@@ -28,9 +28,9 @@ impl Export {
     /// with `preadv2(RWF_NOWAIT)`, so the call returns
     /// [`StoreError::WouldBlock`] instead of waiting for the disk when they are
     /// not all in the page cache, and instead of waiting for a block lock
-    /// when a write to the same blocks is in progress. The server uses it to
-    /// serve small cached reads on its async workers and sends the rest to the
-    /// blocking pool.
+    /// when a write to the same blocks is in progress. For callers that must
+    /// not block (an async task); the NBD server's connection threads use
+    /// [`Export::read`].
     pub fn try_read_cached(&self, offset: u64, out: &mut [u8]) -> Result<IoStats, StoreError> {
         self.read_impl(offset, out, true)
     }
