@@ -547,6 +547,23 @@ fn unread_replies_do_not_grow_memory() {
         during < RSS_BOUND_KIB,
         "server buffered unread replies: RSS {during} KiB (bound {RSS_BOUND_KIB} KiB)"
     );
+    // Maximum-size requests: 20 x 32 MiB READs left unread would hold more
+    // than the server-wide in-flight budget (256 MiB) if one connection
+    // could take it all; the per-connection share keeps others served.
+    let mut c = sc.client("default");
+    for i in 0..20u64 {
+        let ck = c.cookie();
+        c.send(NBD_CMD_READ, 0, ck, (i % 2) << 25, 32 << 20, &[])
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    sc.assert_serves("default", 44 << 20);
+    let during = sc.rss_kib();
+    assert!(
+        during < RSS_BOUND_KIB,
+        "server buffered unread 32 MiB replies: RSS {during} KiB (bound {RSS_BOUND_KIB} KiB)"
+    );
+    drop(c);
 }
 
 const PY_CONNECT: &str = r#"

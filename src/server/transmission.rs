@@ -15,9 +15,10 @@
 //! a request and no other is left to read the next one, up to a per-connection
 //! cap (`max_inflight`, at most [`MAX_THREADS_PER_CONN`]) and a server-wide
 //! one ([`super::ServerConfig::max_threads_extra`]). The cap is the in-flight request limit;
-//! payload bytes in flight are bounded server-wide by
-//! [`super::Shared::inflight_bytes`], taken before a payload is read or a
-//! read's reply is built and released once the reply is sent.
+//! payload bytes in flight are bounded per connection (two maximum requests)
+//! and server-wide ([`super::Shared::inflight_bytes`]), taken before a
+//! payload is read or a read's reply is built and released once the reply is
+//! sent, so a client that does not read its replies stalls only itself.
 //!
 //! Stopping: the async side calls [`Conn::stop`] (graceful: reading stops,
 //! requests in flight finish and are answered) or drops its guard (the socket
@@ -34,7 +35,7 @@ use bytes::BytesMut;
 use super::connection::ConnError;
 use super::handler::{self, Reply, ReplyMode};
 use super::observe::ExportMetrics;
-use super::{BytePermit, Shared};
+use super::{ByteBudget, BytePermit, Shared};
 use crate::protocol::{self, consts::*, ExportLimits, Request, RequestKind};
 use crate::store::Export;
 
@@ -63,6 +64,10 @@ pub struct Conn {
     /// Threads waiting for, or holding, the read side.
     readers: AtomicUsize,
     max_threads: usize,
+    /// Payload bytes in flight on this connection (two maximum requests),
+    /// taken before the server-wide budget: one client that does not read
+    /// its replies cannot hold the whole server-wide budget.
+    conn_bytes: Arc<ByteBudget>,
     error: Mutex<Option<ConnError>>,
     shared: Arc<Shared>,
     export: Arc<Export>,
@@ -89,10 +94,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// One request taken from the socket, with its byte budget.
+/// One request taken from the socket, with its byte budgets (connection,
+/// then server-wide).
 struct Taken {
     req: Request,
-    _budget: BytePermit,
+    _budget: (BytePermit, BytePermit),
 }
 
 enum Next {
@@ -131,6 +137,9 @@ impl Conn {
             threads: AtomicUsize::new(0),
             readers: AtomicUsize::new(0),
             max_threads: shared.config.max_inflight.clamp(1, MAX_THREADS_PER_CONN),
+            conn_bytes: Arc::new(ByteBudget::new(
+                2usize.saturating_mul(shared.config.max_request as usize),
+            )),
             error: Mutex::new(None),
             shared,
             export,
@@ -246,7 +255,10 @@ impl Conn {
                 RequestKind::Read { len, .. } | RequestKind::Write { len, .. } => len as usize,
                 _ => 0,
             };
-            let budget = self.shared.inflight_bytes.acquire(bytes);
+            let budget = (
+                self.conn_bytes.acquire(bytes),
+                self.shared.inflight_bytes.acquire(bytes),
+            );
             if let RequestKind::Write { len, .. } = req.kind {
                 let n = len as usize;
                 handler::ensure_len(buf, n);
