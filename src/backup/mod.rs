@@ -9,8 +9,8 @@
 //! Layout (see `doc/backup.md` for the normative description):
 //!
 //! * [`target`]   – where objects go: the [`BackupTarget`] trait, a local
-//!   directory (temp file, fsync, rename; directories fsynced before the
-//!   manifest) and S3
+//!   directory (temp files synced in batches with one `syncfs`, then
+//!   renamed; directories fsynced before the manifest) and S3
 //!   (multipart, parallel parts), and `s3://bucket/prefix` / path parsing.
 //! * [`chunk`]    – the chunk object codec: a run of block records of one
 //!   export, content-addressed by SHA-256. Pure, no I/O.
