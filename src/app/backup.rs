@@ -63,10 +63,7 @@ fn manifest_keys(ring: &KeyRing) -> Result<ManifestKeys> {
 }
 
 fn dir_id_of(reg: &Registry) -> Result<[u8; 16]> {
-    hex::decode(reg.dir_id())
-        .ok()
-        .and_then(|v| v.try_into().ok())
-        .ok_or_else(|| anyhow!("key registry has a malformed dir_id"))
+    Ok(reg.dir_id_bytes()?)
 }
 
 pub(crate) async fn open_target(dest: &str) -> Result<Arc<dyn BackupTarget>> {
@@ -453,25 +450,8 @@ async fn take_offline(
     name: &str,
     dest: &str,
 ) -> Result<TakeReport> {
-    if !dir.is_dir() {
-        bail!("--data-dir {} is not a directory", dir.display());
-    }
-    let _lock = super::lock_data_dir(dir).map_err(|e| {
-        if e.to_string().contains("in use") {
-            anyhow!(
-                "data directory {} is in use by a running ear-sidecar: back up through it with --admin-socket PATH",
-                dir.display()
-            )
-        } else {
-            e
-        }
-    })?;
-    let reg = Registry::load(dir)?.ok_or_else(|| {
-        anyhow!(
-            "{} is not an initialised ear-sidecar data directory (no keys.json)",
-            dir.display()
-        )
-    })?;
+    let _lock = super::lock_offline(dir, "back up through it with --admin-socket PATH")?;
+    let reg = super::load_registry(dir)?;
     refuse_plaintext_left(dir)?;
     let registry_bytes = std::fs::read(Registry::path_in(dir))
         .with_context(|| format!("read {}", Registry::path_in(dir).display()))?;

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::config::CheckArgs;
 use crate::crypto::KeyRing;
@@ -49,29 +49,9 @@ async fn unwrap_keys(args: &CheckArgs, reg: &Registry) -> Result<Option<Arc<KeyR
 
 /// Returns whether every checked export is free of damage.
 fn check(args: &CheckArgs) -> Result<bool> {
-    if !args.data_dir.is_dir() {
-        bail!("{} is not a directory", args.data_dir.display());
-    }
-    let _lock = super::lock_data_dir(&args.data_dir).map_err(|e| {
-        if e.to_string().contains("in use") {
-            anyhow!(
-                "data directory {} is in use by a running ear-sidecar: stop it first (check works offline)",
-                args.data_dir.display()
-            )
-        } else {
-            e
-        }
-    })?;
-    let reg = Registry::load(&args.data_dir)?.ok_or_else(|| {
-        anyhow!(
-            "{} is not an initialised ear-sidecar data directory (no keys.json)",
-            args.data_dir.display()
-        )
-    })?;
-    let dir_id: [u8; 16] = hex::decode(reg.dir_id())
-        .ok()
-        .and_then(|v| v.try_into().ok())
-        .ok_or_else(|| anyhow!("key registry has a malformed dir_id"))?;
+    let _lock = super::lock_offline(&args.data_dir, "stop it first (check works offline)")?;
+    let reg = super::load_registry(&args.data_dir)?;
+    let dir_id = reg.dir_id_bytes()?;
     let keys = super::runtime()?.block_on(unwrap_keys(args, &reg))?;
     let existing = store::existing_exports(&args.data_dir)?;
     let names = match &args.export {

@@ -5,11 +5,10 @@
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 
 use crate::config::{KmsConfig, LogFormat, StatusArgs, ValidateKeyArgs};
 use crate::keys::aws;
-use crate::keys::registry::Registry;
 use crate::store;
 
 /// `validate-key`: the managed service's key checks, no data directory.
@@ -64,12 +63,7 @@ pub fn status(args: &StatusArgs) -> Result<()> {
     if let Some(sock) = &args.admin_socket {
         return live_status(sock, args.json);
     }
-    let reg = Registry::load(&args.data_dir)?.ok_or_else(|| {
-        anyhow!(
-            "{} is not an initialised ear-sidecar data directory (no keys.json)",
-            args.data_dir.display()
-        )
-    })?;
+    let reg = super::load_registry(&args.data_dir)?;
     let exports = store::inspect(&args.data_dir)?;
     let versions: Vec<BTreeMap<&str, u64>> = reg
         .versions()

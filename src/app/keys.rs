@@ -580,19 +580,7 @@ fn offline(
     op: &KeysCommand,
     rep: &Reporter,
 ) -> Result<(String, Value)> {
-    if !dir.is_dir() {
-        bail!("{} is not a directory", dir.display());
-    }
-    let _lock = super::lock_data_dir(dir).map_err(|e| {
-        if e.to_string().contains("in use") {
-            anyhow!(
-                "data directory {} is in use by a running ear-sidecar: use --admin-socket PATH to steer it",
-                dir.display()
-            )
-        } else {
-            e
-        }
-    })?;
+    let _lock = super::lock_offline(dir, "use --admin-socket PATH to steer it")?;
     if let KeysCommand::Sweep(s) = op {
         if let SweepAction::Pause(_) = s.action {
             SweepFile::set_paused(dir, true)?;
@@ -600,22 +588,14 @@ fn offline(
             return Ok((summary(op, &v), v));
         }
     }
-    let reg = Registry::load(dir)?.ok_or_else(|| {
-        anyhow!(
-            "{} is not an initialised ear-sidecar data directory (no keys.json)",
-            dir.display()
-        )
-    })?;
+    let reg = super::load_registry(dir)?;
     if !reg.encryption_on() {
         bail!(
             "data directory {} is not encrypted: it has no universe keys to rotate or retire",
             dir.display()
         );
     }
-    let dir_id: [u8; 16] = hex::decode(reg.dir_id())
-        .ok()
-        .and_then(|v| v.try_into().ok())
-        .ok_or_else(|| anyhow!("key registry has a malformed dir_id"))?;
+    let dir_id = reg.dir_id_bytes()?;
     let rt = super::runtime()?;
     rt.block_on(async {
         let provider = super::keys_wrap::registry_provider(

@@ -361,30 +361,12 @@ async fn wait_encrypted(sweeper: &Sweeper, mut progress: impl FnMut(u64, u64)) -
 }
 
 fn offline(dir: &Path, provider: &EncryptProvider, rep: &Reporter) -> Result<Value> {
-    if !dir.is_dir() {
-        bail!("{} is not a directory", dir.display());
-    }
-    let _lock = super::lock_data_dir(dir).map_err(|e| {
-        if e.to_string().contains("in use") {
-            anyhow!(
-                "data directory {} is in use by a running ear-sidecar: encrypt it online with \
-                 --admin-socket PATH, or stop it first",
-                dir.display()
-            )
-        } else {
-            e
-        }
-    })?;
-    let mut reg = Registry::load(dir)?.ok_or_else(|| {
-        anyhow!(
-            "{} is not an initialised ear-sidecar data directory (no keys.json)",
-            dir.display()
-        )
-    })?;
-    let dir_id: [u8; 16] = hex::decode(reg.dir_id())
-        .ok()
-        .and_then(|v| v.try_into().ok())
-        .ok_or_else(|| anyhow!("key registry has a malformed dir_id"))?;
+    let _lock = super::lock_offline(
+        dir,
+        "encrypt it online with --admin-socket PATH, or stop it first",
+    )?;
+    let mut reg = super::load_registry(dir)?;
+    let dir_id = reg.dir_id_bytes()?;
     let rt = super::runtime()?;
     rt.block_on(async {
         let (p, _) = open_provider(provider, dir).await?;

@@ -231,26 +231,11 @@ fn offline(
     target: &KmsConfig,
     reporter: &Reporter,
 ) -> Result<RewrapOutcome> {
-    if !dir.is_dir() {
-        bail!("{} is not a directory", dir.display());
-    }
-    let _lock = super::lock_data_dir(dir).map_err(|e| {
-        if e.to_string().contains("in use") {
-            anyhow!(
-                "data directory {} is in use by a running ear-sidecar: rewrap it online with \
-                 --admin-socket PATH, or stop it first",
-                dir.display()
-            )
-        } else {
-            e
-        }
-    })?;
-    let mut reg = Registry::load(dir)?.ok_or_else(|| {
-        anyhow!(
-            "{} is not an initialised ear-sidecar data directory (no keys.json)",
-            dir.display()
-        )
-    })?;
+    let _lock = super::lock_offline(
+        dir,
+        "rewrap it online with --admin-socket PATH, or stop it first",
+    )?;
+    let mut reg = super::load_registry(dir)?;
     if !reg.encryption_on() {
         bail!(
             "data directory {} is not encrypted: there are no keys to rewrap",

@@ -477,10 +477,7 @@ async fn check_aws_key(
 /// or an existing directory; with none, a fresh directory gets the default
 /// export and an existing one serves what it has.
 fn open_store(cfg: &ServeConfig, registry: &Registry, keys: Option<Arc<KeyRing>>) -> Result<Store> {
-    let dir_id: [u8; 16] = hex::decode(registry.dir_id())
-        .ok()
-        .and_then(|v| v.try_into().ok())
-        .ok_or_else(|| anyhow!("key registry has a malformed dir_id"))?;
+    let dir_id = registry.dir_id_bytes()?;
     let specs = cfg.exports.resolve(&cfg.data_dir)?;
     // The epoch size is a hidden test knob (--epoch-writes).
     let mut opts = store::ExportOptions::with_integrity(cfg.integrity);
@@ -519,6 +516,35 @@ fn wire_metrics(
 
 /// Holds an exclusive lock on the data directory for the process lifetime, so
 /// two sidecars can never write one store.
+/// Locks a data directory for an offline command. A directory held by a
+/// running sidecar is refused in one line ending with `online_hint`, which
+/// says how to reach that sidecar instead.
+pub(crate) fn lock_offline(dir: &Path, online_hint: &str) -> Result<File> {
+    if !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    lock_data_dir(dir).map_err(|e| {
+        if e.to_string().contains("in use") {
+            anyhow!(
+                "data directory {} is in use by a running ear-sidecar: {online_hint}",
+                dir.display()
+            )
+        } else {
+            e
+        }
+    })
+}
+
+/// The key registry of an initialised data directory.
+pub(crate) fn load_registry(dir: &Path) -> Result<Registry> {
+    Registry::load(dir)?.ok_or_else(|| {
+        anyhow!(
+            "{} is not an initialised ear-sidecar data directory (no keys.json)",
+            dir.display()
+        )
+    })
+}
+
 pub(crate) fn lock_data_dir(dir: &Path) -> Result<File> {
     let path = dir.join(".lock");
     let f = std::fs::OpenOptions::new()

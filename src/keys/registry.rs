@@ -504,7 +504,8 @@ impl Registry {
         out
     }
 
-    fn dir_id_bytes(&self) -> Result<[u8; 16], KeyError> {
+    /// The directory id as 16 bytes (a malformed one is an error).
+    pub fn dir_id_bytes(&self) -> Result<[u8; 16], KeyError> {
         hex::decode(&self.dir_id)
             .ok()
             .and_then(|v| v.try_into().ok())

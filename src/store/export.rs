@@ -579,9 +579,15 @@ impl Export {
     /// leaves at least one valid slot.
     fn write_headers(&self, header: &Header) -> Result<(), StoreError> {
         let slot = Self::header_slot_bytes(header, self.keys())?;
+        self.write_header_slots(&slot)
+    }
+
+    /// Writes encoded header bytes into both slots, one at a time, synced in
+    /// between.
+    fn write_header_slots(&self, slot: &[u8]) -> Result<(), StoreError> {
         for at in [0, HEADER_SLOT] {
             self.io
-                .write_all_at(&slot, at)
+                .write_all_at(slot, at)
                 .map_err(|source| self.io_err("write header", source))?;
             self.io
                 .sync_data()
@@ -644,14 +650,7 @@ impl Export {
         })?;
         h.sequence = h.sequence.wrapping_add(1);
         let slot = Self::header_slot_bytes(&h, Some(&ring))?;
-        for at in [0, HEADER_SLOT] {
-            self.io
-                .write_all_at(&slot, at)
-                .map_err(|source| self.io_err("write header", source))?;
-            self.io
-                .sync_data()
-                .map_err(|source| self.io_err("fsync", source))?;
-        }
+        self.write_header_slots(&slot)?;
         {
             let mut g = self.epochs.lock().unwrap_or_else(|p| p.into_inner());
             g.epoch = h.epoch;
