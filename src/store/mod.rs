@@ -11,6 +11,7 @@ pub mod check;
 pub mod export;
 pub mod format;
 mod locks;
+mod readahead;
 pub mod scrub;
 mod slots;
 pub mod snapshot;
