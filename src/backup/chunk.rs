@@ -30,6 +30,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::target::Body;
 use super::{BLOCK_SIZE, SLOT_LEN};
 
 /// Magic at the start of every chunk object.
@@ -304,33 +305,48 @@ impl ChunkBuilder {
         let first = self.records.first()?.index;
         let last = self.records.last()?.index;
         let count = u32::try_from(self.records.len()).ok()?;
-        let mut buf = BytesMut::with_capacity(HEADER_LEN + self.bytes);
-        buf.put_slice(&CHUNK_MAGIC);
-        buf.put_u16_le(CHUNK_VERSION);
-        buf.put_u16_le(0);
-        buf.put_u32_le(BLOCK_SIZE as u32);
-        buf.put_u64_le(first);
+        // The header and every record's index and slot go into one buffer;
+        // the ciphertext stays where the records hold it, and the object is
+        // those pieces back to back (no copy of the data to encode it).
+        let mut head = BytesMut::with_capacity(HEADER_LEN + self.records.len() * RECORD_HEAD_LEN);
+        head.put_slice(&CHUNK_MAGIC);
+        head.put_u16_le(CHUNK_VERSION);
+        head.put_u16_le(0);
+        head.put_u32_le(BLOCK_SIZE as u32);
+        head.put_u64_le(first);
         // `last < u64::MAX` cannot be guaranteed by the type; saturate, and
         // the decoder rejects such a chunk (end would not be last + 1).
-        buf.put_u64_le(last.saturating_add(1));
-        buf.put_u32_le(count);
-        buf.put_u32_le(0);
+        head.put_u64_le(last.saturating_add(1));
+        head.put_u32_le(count);
+        head.put_u32_le(0);
+        for r in &self.records {
+            head.put_u64_le(r.index);
+            head.put_slice(r.slot.bytes());
+        }
+        let head = head.freeze();
+        let mut body = Body::default();
         let mut runs = Vec::new();
         let mut data_blocks = 0u64;
-        for r in &self.records {
-            buf.put_u64_le(r.index);
-            buf.put_slice(r.slot.bytes());
+        // Start of the head bytes not yet in `body`.
+        let mut from = 0;
+        for (i, r) in self.records.iter().enumerate() {
             if let Some(d) = &r.data {
-                buf.put_slice(d);
+                let to = HEADER_LEN + (i + 1) * RECORD_HEAD_LEN;
+                body.push(head.slice(from..to));
+                body.push(d.clone());
+                from = to;
                 data_blocks += 1;
             }
             push_run(&mut runs, r.index);
         }
-        let bytes = buf.freeze();
-        let sha256: [u8; 32] = Sha256::digest(&bytes).into();
+        body.push(head.slice(from..));
+        let mut h = Sha256::new();
+        for p in body.parts() {
+            h.update(p);
+        }
         Some(EncodedChunk {
-            bytes,
-            sha256,
+            body,
+            sha256: h.finalize().into(),
             runs,
             records: u64::from(count),
             data_blocks,
@@ -341,8 +357,8 @@ impl ChunkBuilder {
 /// An encoded chunk ready for upload.
 #[derive(Debug, Clone)]
 pub struct EncodedChunk {
-    /// The object bytes.
-    pub bytes: Bytes,
+    /// The object bytes, as pieces.
+    pub body: Body,
     /// SHA-256 of `bytes`: the object's address.
     pub sha256: [u8; 32],
     /// The blocks it holds, as runs.
@@ -543,7 +559,7 @@ pub(crate) mod tests {
         let recs = vec![record(3, 1, false), record(4, 2, true), record(9, 3, false)];
         let enc = encode(&recs);
         assert_eq!(
-            enc.bytes.len(),
+            enc.body.len(),
             HEADER_LEN + 3 * RECORD_HEAD_LEN + 2 * BLOCK_SIZE
         );
         assert_eq!(
@@ -551,7 +567,8 @@ pub(crate) mod tests {
             vec![BlockRun { start: 3, len: 2 }, BlockRun { start: 9, len: 1 }]
         );
         let dec =
-            DecodedChunk::decode_verified(enc.bytes.clone(), &hex::encode(enc.sha256)).unwrap();
+            DecodedChunk::decode_verified(enc.body.clone().into_bytes(), &hex::encode(enc.sha256))
+                .unwrap();
         assert_eq!(dec.records(), &recs[..]);
         dec.check_runs(&enc.runs).unwrap();
         assert_eq!(
@@ -563,7 +580,7 @@ pub(crate) mod tests {
     #[test]
     fn edited_byte_fails_hash() {
         let enc = encode(&[record(0, 1, false)]);
-        let mut v = enc.bytes.to_vec();
+        let mut v = enc.body.clone().into_bytes().to_vec();
         v[HEADER_LEN + RECORD_HEAD_LEN + 7] ^= 1;
         assert!(matches!(
             DecodedChunk::decode_verified(Bytes::from(v), &hex::encode(enc.sha256)),
@@ -588,7 +605,8 @@ pub(crate) mod tests {
     #[test]
     fn decoder_refuses_malformed_headers() {
         let good = encode(&[record(7, 1, true), record(8, 2, false)])
-            .bytes
+            .body
+            .into_bytes()
             .to_vec();
         let mutate = |f: &dyn Fn(&mut Vec<u8>)| {
             let mut v = good.clone();
@@ -625,7 +643,7 @@ pub(crate) mod tests {
         #[test]
         fn prop_round_trip(recs in arb_records()) {
             let enc = encode(&recs);
-            let dec = DecodedChunk::decode(enc.bytes.clone()).unwrap();
+            let dec = DecodedChunk::decode(enc.body.clone().into_bytes()).unwrap();
             prop_assert_eq!(dec.records(), &recs[..]);
             prop_assert_eq!(dec.runs(), enc.runs);
         }
@@ -639,7 +657,7 @@ pub(crate) mod tests {
         fn prop_mutations_never_panic_and_stay_consistent(
             recs in arb_records(), pos in any::<prop::sample::Index>(), byte in any::<u8>()
         ) {
-            let mut v = encode(&recs).bytes.to_vec();
+            let mut v = encode(&recs).body.into_bytes().to_vec();
             let i = pos.index(v.len());
             v[i] = byte;
             if let Ok(dec) = DecodedChunk::decode(Bytes::from(v)) {

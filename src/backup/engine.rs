@@ -273,7 +273,7 @@ pub async fn backup<S: BlockSource + 'static>(
                 .map_err(|e| BackupError::Invalid(format!("chunk encoder failed: {e}")))?
                 .ok_or_else(|| BackupError::Invalid("empty chunk".into()))?;
             let sha = hex::encode(chunk.sha256);
-            let len = chunk.bytes.len() as u64;
+            let len = chunk.body.len() as u64;
             let cref = ChunkRef {
                 sha256: sha.clone(),
                 bytes: len,
@@ -284,7 +284,7 @@ pub async fn backup<S: BlockSource + 'static>(
             if t.exists(&key).await? {
                 return Ok((this, cref, false, chunk.records));
             }
-            t.put_staged(&key, chunk.bytes).await?;
+            t.put_staged(&key, chunk.body).await?;
             Ok((this, cref, true, chunk.records))
         });
     }
@@ -302,7 +302,7 @@ pub async fn backup<S: BlockSource + 'static>(
     let ix_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&ix_bytes));
     let ix_len = ix_bytes.len() as u64;
     target
-        .put_staged(&ObjectKey::object(&ix_sha)?, ix_bytes)
+        .put_staged(&ObjectKey::object(&ix_sha)?, ix_bytes.into())
         .await?;
     stats.bytes_uploaded += ix_len;
     // Every object the manifest names is durable before the manifest is.

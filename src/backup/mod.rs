@@ -47,7 +47,7 @@ pub use index::SlotIndex;
 pub use manifest::{BackupId, ChunkRef, Manifest, ManifestError, ManifestKey, ManifestKeys};
 pub use source::{BlockSink, BlockSource, MemorySink, MemorySource, RestoreInfo};
 pub use target::{
-    BackupTarget, Destination, LocalTarget, ObjectKey, S3Options, S3Target, TargetError,
+    BackupTarget, Body, Destination, LocalTarget, ObjectKey, S3Options, S3Target, TargetError,
 };
 
 /// Size of one export block (and of one stored ciphertext block).

@@ -49,6 +49,25 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TargetE
     move |source| TargetError::Io { what, path, source }
 }
 
+/// Writes `parts` back to back (`writev`, as many pieces per call as the
+/// kernel takes).
+fn write_all_parts<P: AsRef<[u8]>>(f: &mut std::fs::File, parts: &[P]) -> std::io::Result<()> {
+    let mut slices: Vec<std::io::IoSlice<'_>> = parts
+        .iter()
+        .map(|p| std::io::IoSlice::new(p.as_ref()))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match f.write_vectored(rest) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> Result<(), TargetError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -103,11 +122,16 @@ impl LocalTarget {
 
     /// Writes `data` to a fresh temporary file, fsynced; returns its path.
     fn write_temp(&self, data: &[u8]) -> Result<PathBuf, TargetError> {
-        self.write_temp_with(data, true)
+        self.write_temp_with(&[data], true)
     }
 
-    /// Writes `data` to a fresh temporary file (fsynced if `sync`).
-    fn write_temp_with(&self, data: &[u8], sync: bool) -> Result<PathBuf, TargetError> {
+    /// Writes the pieces `data` back to back to a fresh temporary file
+    /// (fsynced if `sync`), with vectored writes.
+    fn write_temp_with<P: AsRef<[u8]>>(
+        &self,
+        data: &[P],
+        sync: bool,
+    ) -> Result<PathBuf, TargetError> {
         let mut r = [0u8; 12];
         crate::crypto::fill_random(&mut r).map_err(|e| TargetError::Invalid(e.to_string()))?;
         let tmp = self.root.join(TMP_DIR).join(hex::encode(r));
@@ -116,8 +140,7 @@ impl LocalTarget {
             .create_new(true)
             .open(&tmp)
             .map_err(io("creating", &tmp))?;
-        let res = f
-            .write_all(data)
+        let res = write_all_parts(&mut f, data)
             .and_then(|_| {
                 if sync {
                     f.sync_all()
@@ -212,10 +235,10 @@ impl LocalTarget {
 
     /// Writes a staged object to an unsynced temporary; commits the batch
     /// once it is full.
-    fn stage(&self, key: &ObjectKey, data: &[u8]) -> Result<(), TargetError> {
+    fn stage(&self, key: &ObjectKey, data: &Body) -> Result<(), TargetError> {
         let dst = self.path(key);
         self.ensure_parent(&dst)?;
-        let tmp = self.write_temp_with(data, false)?;
+        let tmp = self.write_temp_with(data.parts(), false)?;
         let full = {
             let mut s = self.staged.lock().unwrap_or_else(|p| p.into_inner());
             s.files.push((tmp, dst));
@@ -377,7 +400,7 @@ impl BackupTarget for LocalTarget {
         blocking(move || t.put_sync(&k, &data, false)).await
     }
 
-    async fn put_staged(&self, key: &ObjectKey, data: Bytes) -> Result<(), TargetError> {
+    async fn put_staged(&self, key: &ObjectKey, data: Body) -> Result<(), TargetError> {
         let (t, k) = (self.clone(), key.clone());
         blocking(move || t.stage(&k, &data)).await
     }

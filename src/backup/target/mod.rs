@@ -131,6 +131,60 @@ pub struct ObjectInfo {
     pub modified: Option<SystemTime>,
 }
 
+/// An object's bytes as pieces stored back to back: a chunk references its
+/// blocks' ciphertext where it already lies instead of copying it into one
+/// buffer (a target that needs one buffer joins them).
+#[derive(Debug, Clone, Default)]
+pub struct Body {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Body {
+    /// The pieces, in order.
+    pub fn parts(&self) -> &[Bytes] {
+        &self.parts
+    }
+
+    /// Total length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends a piece.
+    pub fn push(&mut self, part: Bytes) {
+        self.len += part.len();
+        if !part.is_empty() {
+            self.parts.push(part);
+        }
+    }
+
+    /// The bytes in one buffer (no copy for a single piece).
+    pub fn into_bytes(mut self) -> Bytes {
+        if self.parts.len() <= 1 {
+            return self.parts.pop().unwrap_or_default();
+        }
+        let mut v = Vec::with_capacity(self.len);
+        for p in &self.parts {
+            v.extend_from_slice(p);
+        }
+        Bytes::from(v)
+    }
+}
+
+impl From<Bytes> for Body {
+    fn from(b: Bytes) -> Self {
+        let mut body = Body::default();
+        body.push(b);
+        body
+    }
+}
+
 /// A place backup objects are written to and read from.
 #[async_trait]
 pub trait BackupTarget: Send + Sync + fmt::Debug {
@@ -156,8 +210,8 @@ pub trait BackupTarget: Send + Sync + fmt::Debug {
     /// batch its durability work over a whole backup (the local target
     /// flushes once per batch of objects instead of once per object).
     /// Default: `put`.
-    async fn put_staged(&self, key: &ObjectKey, data: Bytes) -> Result<(), TargetError> {
-        self.put(key, data).await
+    async fn put_staged(&self, key: &ObjectKey, data: Body) -> Result<(), TargetError> {
+        self.put(key, data.into_bytes()).await
     }
     /// Makes every object stored with [`BackupTarget::put_staged`] so far
     /// durable. A backup calls it before it publishes its manifest.
@@ -325,7 +379,7 @@ mod tests {
         // A staged object appears once its batch is synced: at
         // sync_staged, or as soon as a batch is full.
         let s = ObjectKey::parse("objects/bb").unwrap();
-        t.put_staged(&s, Bytes::from_static(b"staged"))
+        t.put_staged(&s, Bytes::from_static(b"staged").into())
             .await
             .unwrap();
         assert!(!t.exists(&s).await.unwrap());
@@ -334,7 +388,7 @@ mod tests {
         assert!(t.unsynced.lock().unwrap().is_empty());
         let big = ObjectKey::parse("objects/cc").unwrap();
         let payload = Bytes::from(vec![7u8; local::STAGE_BATCH as usize]);
-        t.put_staged(&big, payload).await.unwrap();
+        t.put_staged(&big, payload.into()).await.unwrap();
         assert!(
             t.exists(&big).await.unwrap(),
             "a full batch is committed at once"
