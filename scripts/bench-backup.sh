@@ -106,8 +106,28 @@ for r in $(seq "$ROUNDS"); do
     rm -rf "$M/restored"
     printf '%-6s %-8s %-8s %-24s %-24s %-24s %-24s\n' "$r" "$dd_s" "$c_s" \
         "$(cell "$bd")" "$(cell "$bm")" "$(cell "$rd")" "$(cell "$rm_")"
+    # The new binary's seconds, for the medians below.
+    echo "$dd_s $c_s ${bd%% *} ${bm%% *} ${rd%% *} ${rm_%% *}" >> "$W/rounds"
 done
 [ -n "$BASE_BIN" ] && echo "(each cell: new binary, then base binary; ratio = dd_s / step_s)"
+# Cold reads of this VM's disk vary several-fold from round to round, so
+# single cells are noise: the medians over rounds of each step's ratio to the
+# same round's dd (and, for the same-disk steps, to the same round's plain
+# fsynced copy, the floor for anything that writes that much to that disk).
+python3 - "$W/rounds" <<'PY'
+import statistics, sys
+rows = [list(map(float, l.split())) for l in open(sys.argv[1]) if l.strip()]
+med = lambda xs: statistics.median(xs)
+names = ["backup disk", "backup tmpfs", "restore disk", "restore tmpfs"]
+print("medians over %d rounds (new binary): dd %.3f s, copy %.3f s" % (
+    len(rows), med([r[0] for r in rows]), med([r[1] for r in rows])))
+for i, n in enumerate(names):
+    col = 2 + i
+    line = "  %-14s %.3f s  x dd %.2f" % (n, med([r[col] for r in rows]), med([r[0] / r[col] for r in rows]))
+    if "disk" in n:
+        line += "  x copy %.2f" % med([r[1] / r[col] for r in rows])
+    print(line)
+PY
 rm -rf "$W/bk"
 
 lat() {
