@@ -109,6 +109,7 @@ for r in $(seq "$ROUNDS"); do
     # The new binary's seconds, for the medians below.
     echo "$dd_s $c_s ${bd%% *} ${bm%% *} ${rd%% *} ${rm_%% *}" >> "$W/rounds"
 done
+touch "$W/rounds"
 [ -n "$BASE_BIN" ] && echo "(each cell: new binary, then base binary; ratio = dd_s / step_s)"
 # Cold reads of this VM's disk vary several-fold from round to round, so
 # single cells are noise: the medians over rounds of each step's ratio to the
@@ -117,6 +118,8 @@ done
 python3 - "$W/rounds" <<'PY'
 import statistics, sys
 rows = [list(map(float, l.split())) for l in open(sys.argv[1]) if l.strip()]
+if not rows:
+    sys.exit(0)
 med = lambda xs: statistics.median(xs)
 names = ["backup disk", "backup tmpfs", "restore disk", "restore tmpfs"]
 print("medians over %d rounds (new binary): dd %.3f s, copy %.3f s" % (

@@ -43,6 +43,14 @@ impl Backing {
         Ok(Backing::new(file))
     }
 
+    /// True when this handle was opened read-only (an offline backup or
+    /// check: nothing writes through it).
+    pub(crate) fn is_read_only(&self) -> bool {
+        use rustix::fs::OFlags;
+        rustix::fs::fcntl_getfl(&self.file)
+            .is_ok_and(|f| !f.intersects(OFlags::WRONLY | OFlags::RDWR))
+    }
+
     /// Reads `buf.len()` bytes at `off`. The file is always at least as long
     /// as its header's size requires (it is extended before a header grows
     /// it), so hitting end of file means it was truncated: that is an error,

@@ -1,12 +1,14 @@
 //! Read-ahead of a backing file's groups for a full backup.
 //!
 //! A full backup reads the whole file once, in group order. Read one group
-//! at a time, the disk sees a single request at a time and every byte is
-//! copied out of the page cache (which the backup also fills with data the
-//! sidecar does not need). [`ReadAhead`] instead keeps a few threads reading
-//! the next groups at once, each into a buffer of its own, with direct I/O
-//! where the filesystem allows it: the disk fills the buffer, no CPU copy,
-//! and the page cache is left to the sidecar.
+//! at a time, the disk sees a single request at a time. [`ReadAhead`]
+//! instead keeps a few threads reading the next groups at once, each into a
+//! buffer of its own. Offline, with nothing else writing the file, they use
+//! direct I/O where the filesystem allows it: the disk fills the buffer, no
+//! CPU copy, and nothing passes through the page cache. Online they read
+//! through the page cache: a direct read holds the inode lock that the
+//! sidecar's buffered writes need (ext4) while it writes back and waits for
+//! the dirty pages of its range, which stalls the foreground's writes.
 //!
 //! The reads run without the groups' block locks. That is safe for a cut:
 //! any change to a block the backup has not copied yet first preserves the
@@ -27,10 +29,13 @@ use bytes::Bytes;
 use super::backing::{Backing, DIRECT_ALIGN};
 use super::format::{self, BLOCK_SIZE, GROUP_BLOCKS, PAIR_SIZE};
 
-/// Threads reading ahead, each with up to one finished group waiting: with
-/// 1 MiB groups, about the queue depth at which a virtual disk reaches its
-/// sequential read speed with direct I/O.
-pub(crate) const THREADS: usize = 4;
+/// Threads reading ahead with direct I/O, each with up to one finished group
+/// waiting: with 1 MiB groups, about the queue depth at which a virtual disk
+/// reaches its sequential read speed with direct I/O.
+pub(crate) const DIRECT_THREADS: usize = 4;
+/// Threads reading ahead through the page cache (the kernel's own readahead
+/// adds depth).
+pub(crate) const BUFFERED_THREADS: usize = 2;
 
 /// Reads a whole range at an offset through the page cache.
 pub(crate) type ReadAt = Arc<dyn Fn(&mut [u8], u64) -> std::io::Result<()> + Send + Sync>;
@@ -51,6 +56,7 @@ pub(crate) struct GroupRead {
 pub(crate) struct ReadAhead {
     rx: Vec<Receiver<std::io::Result<GroupRead>>>,
     next: u64,
+    threads: u64,
 }
 
 impl ReadAhead {
@@ -59,9 +65,14 @@ impl ReadAhead {
     /// used without it (and if a direct read is refused).
     pub fn start(direct: Option<Backing>, buffered: ReadAt, blocks: u64) -> std::io::Result<Self> {
         let groups = blocks.div_ceil(GROUP_BLOCKS);
+        let threads = if direct.is_some() {
+            DIRECT_THREADS
+        } else {
+            BUFFERED_THREADS
+        };
         let direct = direct.map(Arc::new);
-        let mut rx = Vec::with_capacity(THREADS);
-        for k in 0..THREADS {
+        let mut rx = Vec::with_capacity(threads);
+        for k in 0..threads {
             let (tx, r) = sync_channel(1);
             let direct = direct.clone();
             let buffered = Arc::clone(&buffered);
@@ -77,12 +88,16 @@ impl ReadAhead {
                         if tx.send(r).is_err() || failed {
                             return;
                         }
-                        g += THREADS as u64;
+                        g += threads as u64;
                     }
                 })?;
             rx.push(r);
         }
-        Ok(Self { rx, next: 0 })
+        Ok(Self {
+            rx,
+            next: 0,
+            threads: threads as u64,
+        })
     }
 
     /// Group `g`, which must be the next one (groups are taken in order).
@@ -94,7 +109,7 @@ impl ReadAhead {
             )));
         }
         self.next += 1;
-        self.rx[(g % THREADS as u64) as usize]
+        self.rx[(g % self.threads) as usize]
             .recv()
             .unwrap_or_else(|_| Err(std::io::Error::other("backup read-ahead thread stopped")))
     }

@@ -488,13 +488,16 @@ impl Snapshot {
         &self.export
     }
 
-    /// A full backup reads every group: starts reading them ahead, with
-    /// direct I/O where the filesystem has it. Without threads, groups are
-    /// read one by one as before.
+    /// A full backup reads every group: starts reading them ahead; with
+    /// direct I/O where the filesystem has it and the export is not served
+    /// (opened read-only for an offline backup; see [`super::readahead`]).
+    /// Without threads, groups are read one by one as before.
     fn start_read_ahead(&mut self) {
-        let direct = match Backing::open_direct(&self.export.path) {
-            Ok(d) => Some(d),
-            Err(err) => {
+        let offline = self.export.io.is_read_only();
+        let direct = match offline.then(|| Backing::open_direct(&self.export.path)) {
+            None => None,
+            Some(Ok(d)) => Some(d),
+            Some(Err(err)) => {
                 tracing::debug!(export = %self.export.name, %err, "no direct I/O for the backup; reading through the page cache");
                 None
             }
@@ -1236,5 +1239,10 @@ mod tests {
             writer.join().unwrap();
             assert_eq!(restore_image(&target, &id).await, want, "round {round}");
         }
+        // A served export reads ahead through the page cache; one opened
+        // for an offline backup is read-only, so it reads directly.
+        assert!(!e.io.is_read_only());
+        let off = open_for_backup(d.path(), "t", DIR_ID, ring()).unwrap();
+        assert!(off.io.is_read_only());
     }
 }
