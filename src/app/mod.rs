@@ -514,8 +514,6 @@ fn wire_metrics(
     }
 }
 
-/// Holds an exclusive lock on the data directory for the process lifetime, so
-/// two sidecars can never write one store.
 /// Locks a data directory for an offline command. A directory held by a
 /// running sidecar is refused in one line ending with `online_hint`, which
 /// says how to reach that sidecar instead.
@@ -545,6 +543,8 @@ pub(crate) fn load_registry(dir: &Path) -> Result<Registry> {
     })
 }
 
+/// Holds an exclusive lock on the data directory for the process lifetime, so
+/// two sidecars can never write one store.
 pub(crate) fn lock_data_dir(dir: &Path) -> Result<File> {
     let path = dir.join(".lock");
     let f = std::fs::OpenOptions::new()

@@ -75,32 +75,6 @@ impl Backing {
         Ok(())
     }
 
-    /// Reads `buf.len()` bytes at `off`; with `nowait`, only from the page
-    /// cache (`preadv2(RWF_NOWAIT)`): anything that would wait for the disk,
-    /// including a partly cached range, is `ErrorKind::WouldBlock`.
-    pub(crate) fn read_at(&self, buf: &mut [u8], off: u64, nowait: bool) -> std::io::Result<()> {
-        if !nowait {
-            return self.read_full_at(buf, off);
-        }
-        use rustix::io::{preadv2, ReadWriteFlags};
-        let want = buf.len();
-        match preadv2(
-            &self.file,
-            &mut [std::io::IoSliceMut::new(buf)],
-            off,
-            ReadWriteFlags::NOWAIT,
-        ) {
-            Ok(n) if n == want => Ok(()),
-            // Short (partly cached, or end of file: the blocking path reports
-            // truncation properly), would block, or not supported here.
-            Ok(_) => Err(std::io::ErrorKind::WouldBlock.into()),
-            Err(e) if e == rustix::io::Errno::AGAIN || e == rustix::io::Errno::OPNOTSUPP => {
-                Err(std::io::ErrorKind::WouldBlock.into())
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
     pub(crate) fn write_all_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
         #[cfg(test)]
         if let Some(r) = &self.rec {

@@ -165,8 +165,6 @@ pub(super) enum ReadMode {
     Retry,
     /// Already under the lock: the full read rule applies.
     Locked,
-    /// Never block: page cache only, no locks; give up with `WouldBlock`.
-    NoWait,
 }
 
 pub(super) enum ZeroMode {
@@ -725,14 +723,6 @@ impl Export {
             }
         }
         self.update_header(|h| h.state = State::Clean)
-    }
-
-    pub(super) fn read_err(&self, what: &str, source: std::io::Error) -> StoreError {
-        if source.kind() == std::io::ErrorKind::WouldBlock {
-            StoreError::WouldBlock
-        } else {
-            self.io_err(what, source)
-        }
     }
 
     pub(super) fn io_err(&self, what: &str, source: std::io::Error) -> StoreError {

@@ -68,11 +68,6 @@ pub enum StoreError {
         /// Block index.
         block: u64,
     },
-    /// A non-blocking read could not be served from the page cache (or met
-    /// a write in progress): retry it on the blocking pool. Never sent to a
-    /// client.
-    #[error("would block")]
-    WouldBlock,
     /// A request outside the export.
     #[error("range {offset}+{len} is outside the export of {size} bytes")]
     OutOfRange {
@@ -123,7 +118,6 @@ impl StoreError {
             StoreError::BadHeader { .. } => "bad_header",
             StoreError::Corrupt { .. } => "corrupt",
             StoreError::AuthFailed { .. } => "auth_failed",
-            StoreError::WouldBlock => "would_block",
             StoreError::OutOfRange { .. } => "range",
             StoreError::Shrink { .. } | StoreError::Config(_) => "config",
             StoreError::Crypto(CryptoError::FailedClosed(_)) => "failed_closed",

@@ -21,21 +21,6 @@ impl Export {
 
     /// Reads `out.len()` plaintext bytes at `offset`.
     pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<IoStats, StoreError> {
-        self.read_impl(offset, out, false)
-    }
-
-    /// Like [`Export::read`], but never blocks: slots and data are read
-    /// with `preadv2(RWF_NOWAIT)`, so the call returns
-    /// [`StoreError::WouldBlock`] instead of waiting for the disk when they are
-    /// not all in the page cache, and instead of waiting for a block lock
-    /// when a write to the same blocks is in progress. For callers that must
-    /// not block (an async task); the NBD server's connection threads use
-    /// [`Export::read`].
-    pub fn try_read_cached(&self, offset: u64, out: &mut [u8]) -> Result<IoStats, StoreError> {
-        self.read_impl(offset, out, true)
-    }
-
-    fn read_impl(&self, offset: u64, out: &mut [u8], nowait: bool) -> Result<IoStats, StoreError> {
         let mut st = IoStats::default();
         if out.is_empty() {
             return Ok(st);
@@ -51,16 +36,11 @@ impl Export {
             let lo = seg_start.max(offset);
             let hi = seg_end.min(end);
             let out_part = &mut out[(lo - offset) as usize..(hi - offset) as usize];
-            let mode = if nowait {
-                ReadMode::NoWait
-            } else {
-                ReadMode::Retry
-            };
             if lo == seg_start && hi == seg_end {
-                self.read_segment(b, seg_last, out_part, mode, &mut st)?;
+                self.read_segment(b, seg_last, out_part, ReadMode::Retry, &mut st)?;
             } else {
                 let mut scratch = vec![0u8; (seg_end - seg_start) as usize];
-                self.read_segment(b, seg_last, &mut scratch, mode, &mut st)?;
+                self.read_segment(b, seg_last, &mut scratch, ReadMode::Retry, &mut st)?;
                 out_part.copy_from_slice(
                     &scratch[(lo - seg_start) as usize..(hi - seg_start) as usize],
                 );
@@ -85,26 +65,23 @@ impl Export {
         let n = (last - first + 1) as usize;
         debug_assert_eq!(buf.len(), n * BLOCK_SIZE);
         let mut pairs = vec![0u8; n * PAIR_SIZE];
-        let nowait = mode == ReadMode::NoWait;
         timed(&mut st.storage, || {
-            self.io
-                .read_at(&mut pairs, format::pair_offset(first), nowait)
+            self.io.read_full_at(&mut pairs, format::pair_offset(first))
         })
-        .map_err(|source| self.read_err("read slots of", source))?;
+        .map_err(|source| self.io_err("read slots of", source))?;
         if pairs.iter().all(|&x| x == 0) {
             buf.fill(0);
             return Ok(());
         }
         timed(&mut st.storage, || {
-            self.io.read_at(buf, format::data_offset(first), nowait)
+            self.io.read_full_at(buf, format::data_offset(first))
         })
-        .map_err(|source| self.read_err("read", source))?;
+        .map_err(|source| self.io_err("read", source))?;
         let t = Instant::now();
         let checked = self.check_and_decrypt(first, &pairs, buf, mode);
         st.crypto += t.elapsed();
         match (checked?, mode) {
             (None, _) => Ok(()),
-            (Some(_), ReadMode::NoWait) => Err(StoreError::WouldBlock),
             (Some(_), ReadMode::Retry) => {
                 let _g = self.locks.lock(first, last);
                 self.read_segment(first, last, buf, ReadMode::Locked, st)

@@ -437,31 +437,6 @@ fn integrity_needs_encryption() {
     assert!(err.to_string().contains("needs encryption"), "{err}");
 }
 
-#[test]
-fn cached_reads_never_block_and_agree_with_blocking_reads() {
-    let d = tempfile::tempdir().unwrap();
-    let s = open(d.path(), Some(ring_with([24; 32])), 1 << 20);
-    let e = s.get("t").unwrap();
-    e.write(8192, &mut vec![0x77u8; 8192], true).unwrap();
-    let mut out = vec![0u8; 8192];
-    // Just written: in the page cache.
-    e.try_read_cached(8192, &mut out).unwrap();
-    assert_eq!(out, vec![0x77u8; 8192]);
-    // Drop the (clean, synced) pages: a cached read now gives up rather
-    // than waiting for the disk (or, if the kernel kept them, still answers
-    // correctly); the blocking read always answers.
-    let f = std::fs::File::open(e.path()).unwrap();
-    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
-    let mut out = vec![0u8; 8192];
-    match e.try_read_cached(8192, &mut out) {
-        Err(StoreError::WouldBlock) => {}
-        Ok(_) => assert_eq!(out, vec![0x77u8; 8192]),
-        Err(other) => panic!("{other}"),
-    }
-    e.read(8192, &mut out).unwrap();
-    assert_eq!(out, vec![0x77u8; 8192]);
-}
-
 // ---- format v2: header robustness, epochs, clean state, check ---------------
 
 #[test]
