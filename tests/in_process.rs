@@ -6,9 +6,12 @@
 mod common;
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use common::in_process::TestServer;
 use common::{Client, Rng};
+use ear_sidecar::protocol::consts::NBD_CMD_READ;
+use ear_sidecar::server::ServerConfig;
 
 const MIB: u64 = 1 << 20;
 
@@ -91,4 +94,53 @@ fn connections_are_counted_and_unknown_exports_refused() {
         Client::connect_export_name(&socket, "nope").is_err(),
         "an unknown export must close the handshake"
     );
+}
+
+/// Clients that leave their replies unread each hold a share of the
+/// server-wide payload budget; a few of them could hold all of it, and every
+/// other client would wait for ever. A reply that makes no progress for the
+/// reply timeout drops its connection, so a well-behaved client is served
+/// again (without the timeout, its read below times out).
+#[test]
+fn clients_that_read_no_replies_are_dropped_after_the_reply_timeout() {
+    let config = ServerConfig {
+        max_request: MIB as u32,
+        // Two greedy connections (two 1 MiB replies each) fill it.
+        inflight_bytes: 4 * MIB as usize,
+        reply_timeout: Duration::from_secs(2),
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start_with(&[("a", 64 * MIB)], true, config);
+    let mut greedy: Vec<Client> = (0..3).map(|_| connect(&srv, "a")).collect();
+    for c in &mut greedy {
+        for i in 0..32u64 {
+            let ck = c.cookie();
+            c.send(NBD_CMD_READ, 0, ck, (i % 64) * MIB, MIB as u32, &[])
+                .unwrap();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    let mut good = connect(&srv, "a");
+    good.s
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let data = good
+        .read(0, 4096)
+        .expect("served after the greedy clients were dropped");
+    assert_eq!(data.expect("read").len(), 4096);
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    for (i, c) in greedy.iter_mut().enumerate() {
+        // What the server had sent before it gave up, then the end.
+        c.s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut sink = Vec::new();
+        let end = std::io::Read::read_to_end(&mut c.s, &mut sink);
+        assert!(
+            end.is_ok()
+                || end
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "greedy client {i} still connected: {end:?}"
+        );
+    }
 }

@@ -31,6 +31,9 @@ pub enum ConnError {
     /// Negotiation took too long.
     #[error("negotiation timed out")]
     HandshakeTimeout,
+    /// The client read none of its replies for the reply timeout.
+    #[error("the client read no reply for {0:?}; dropped so its unsent replies stop holding memory other clients need")]
+    ReplyTimeout(std::time::Duration),
     /// NBD_OPT_EXPORT_NAME for an export we do not have (cannot be answered
     /// with an error, so the connection is closed).
     #[error("client asked for unknown export {0:?}")]

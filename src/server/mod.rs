@@ -70,6 +70,12 @@ pub struct ServerConfig {
     pub inflight_bytes: usize,
     /// Time a client has to finish negotiation.
     pub handshake_timeout: Duration,
+    /// How long a reply may wait for its client to read anything. A client
+    /// that reads nothing for this long is dropped: its unsent replies hold
+    /// payload bytes of the server-wide budget, which a few such clients
+    /// could otherwise hold for ever while every other client waits. Zero
+    /// disables it.
+    pub reply_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
 }
@@ -84,6 +90,7 @@ impl Default for ServerConfig {
             max_threads_extra: 128,
             inflight_bytes: 256 << 20,
             handshake_timeout: Duration::from_secs(30),
+            reply_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
         }
     }

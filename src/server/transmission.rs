@@ -18,7 +18,9 @@
 //! payload bytes in flight are bounded per connection (two maximum requests)
 //! and server-wide ([`super::Shared::inflight_bytes`]), taken before a
 //! payload is read or a read's reply is built and released once the reply is
-//! sent, so a client that does not read its replies stalls only itself.
+//! sent, so a client that does not read its replies stalls only itself. A
+//! few such clients could still hold the whole server-wide budget, so a
+//! reply that makes no progress for the reply timeout drops its connection.
 //!
 //! Stopping: the async side calls [`Conn::stop`] (graceful: reading stops,
 //! requests in flight finish and are answered) or drops its guard (the socket
@@ -118,6 +120,9 @@ impl Conn {
         mode: ReplyMode,
     ) -> Result<(Arc<Conn>, Done), ConnError> {
         stream.set_nonblocking(false)?;
+        // Bounds how long one send may make no progress (SO_SNDTIMEO).
+        let reply_timeout = shared.config.reply_timeout;
+        stream.set_write_timeout((!reply_timeout.is_zero()).then_some(reply_timeout))?;
         let wr = stream.try_clone()?;
         let ctl = stream.try_clone()?;
         let limits = ExportLimits {
@@ -185,6 +190,17 @@ impl Conn {
         self.abort();
     }
 
+    /// What a failed reply send means: a send that timed out is a client
+    /// that stopped reading.
+    fn send_error(&self, e: std::io::Error) -> ConnError {
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                ConnError::ReplyTimeout(self.shared.config.reply_timeout)
+            }
+            _ => e.into(),
+        }
+    }
+
     /// Adds a thread when nobody is left to read the next request.
     fn grow(self: &Arc<Self>, tx: &DoneTx) {
         if self.readers.load(Ordering::Acquire) > 0 || self.closing.load(Ordering::Acquire) {
@@ -241,7 +257,7 @@ impl Conn {
                     let mut b = BytesMut::new();
                     e.encode_reply(&mut b, self.mode.structured);
                     if let Err(e) = lock(&self.wr).write_all(&b) {
-                        self.fail(e.into());
+                        self.fail(self.send_error(e));
                         return Next::Stop;
                     }
                     continue;
@@ -305,7 +321,7 @@ impl Conn {
             };
             drop(_budget);
             if let Err(e) = sent {
-                self.fail(e.into());
+                self.fail(self.send_error(e));
                 break;
             }
             if buf.len() > KEEP_BUF {

@@ -29,6 +29,15 @@ impl TestServer {
     /// Serves `exports` (name, size) from a fresh directory; encrypted when
     /// `encrypted`.
     pub fn start(exports: &[(&str, u64)], encrypted: bool) -> TestServer {
+        Self::start_with(exports, encrypted, ServerConfig::default())
+    }
+
+    /// [`TestServer::start`] with server limits of the test's own.
+    pub fn start_with(
+        exports: &[(&str, u64)],
+        encrypted: bool,
+        config: ServerConfig,
+    ) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let keys = encrypted.then(|| {
             let mut m = BTreeMap::new();
@@ -50,7 +59,7 @@ impl TestServer {
         let health = Arc::new(Health::default());
         let shared = Shared::new(
             Arc::clone(&store),
-            ServerConfig::default(),
+            config,
             Arc::clone(&health),
             request_metrics,
         );
