@@ -518,6 +518,21 @@ fn disconnect_with_requests_in_flight() {
     assert_rss_bounded(&sc, "disconnect in flight");
 }
 
+/// A client of the default export that sends `count` READs of `len` bytes (at offsets
+/// cycling over the first `spread` multiples of `len`) and reads none of the
+/// replies; returned once `settle` has passed, so the server has done what it
+/// will with them.
+fn unread_reads(sc: &Sidecar, count: u64, len: u32, spread: u64, settle: Duration) -> Client {
+    let mut c = sc.client("default");
+    for i in 0..count {
+        let ck = c.cookie();
+        c.send(NBD_CMD_READ, 0, ck, (i % spread) * u64::from(len), len, &[])
+            .unwrap();
+    }
+    std::thread::sleep(settle);
+    c
+}
+
 /// A client that pipelines large READs and never reads the replies must not
 /// make the server buffer them without bound (in-flight limits must cover
 /// replies not yet written to the socket).
@@ -526,14 +541,8 @@ fn unread_replies_do_not_grow_memory() {
     let mut sc = Sidecar::start(&["--export", "default=64M"]);
     sc.assert_serves("default", 0);
     let before = sc.rss_kib();
-    let mut c = sc.client("default");
     // 300 x 1 MiB READs = 300 MiB of replies if nothing bounds them.
-    for i in 0..300u64 {
-        let ck = c.cookie();
-        c.send(NBD_CMD_READ, 0, ck, (i % 64) << 20, 1 << 20, &[])
-            .unwrap();
-    }
-    std::thread::sleep(Duration::from_secs(3));
+    let c = unread_reads(&sc, 300, 1 << 20, 64, Duration::from_secs(3));
     let during = sc.rss_kib();
     eprintln!(
         "unread replies: RSS before {before} KiB, with 300 MiB of unread replies {during} KiB"
@@ -550,13 +559,7 @@ fn unread_replies_do_not_grow_memory() {
     // Maximum-size requests: 20 x 32 MiB READs left unread would hold more
     // than the server-wide in-flight budget (256 MiB) if one connection
     // could take it all; the per-connection share keeps others served.
-    let mut c = sc.client("default");
-    for i in 0..20u64 {
-        let ck = c.cookie();
-        c.send(NBD_CMD_READ, 0, ck, (i % 2) << 25, 32 << 20, &[])
-            .unwrap();
-    }
-    std::thread::sleep(Duration::from_secs(2));
+    let c = unread_reads(&sc, 20, 32 << 20, 2, Duration::from_secs(2));
     sc.assert_serves("default", 44 << 20);
     let during = sc.rss_kib();
     assert!(
