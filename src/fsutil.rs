@@ -1,11 +1,70 @@
 //! Durable file replacement: [`write_atomic`] (temp file, fsync, rename,
 //! fsync directory) and [`sync_dir`]. Used by the key registry, the local
-//! KEK file and the store, so each crash-safety rule is written once.
+//! KEK file and the store, so each crash-safety rule is written once. Also
+//! the direct-I/O helpers ([`open_direct`], [`AlignedBuf`]) that backups
+//! and restores read with, in the store and in the local backup target.
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+/// Alignment of buffers, offsets and lengths for direct I/O (the page size,
+/// which covers every logical block size in use).
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Opens `path` read-only with direct I/O (`O_DIRECT`): reads go from the
+/// disk into the caller's buffer without a copy through the page cache, and
+/// without evicting what is cached there. The kernel writes back dirty
+/// cached pages of a range before reading it directly, so these reads see
+/// everything written through the page cache. Buffers, offsets and lengths
+/// must be aligned to [`DIRECT_ALIGN`]. Fails on file systems without
+/// direct I/O (and a read may still fail with `EINVAL`: callers fall back to
+/// the page cache).
+pub fn open_direct(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+        .open(path)
+}
+
+/// True for the error a direct read gives when this file system refuses it.
+pub fn direct_refused(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
+}
+
+/// A zero-filled buffer of `len` bytes starting at a [`DIRECT_ALIGN`]ed
+/// address, for direct reads (the vector is over-allocated by one
+/// alignment, so no unsafe allocation is needed), handed on as [`Bytes`]
+/// without a copy.
+#[derive(Debug)]
+pub struct AlignedBuf {
+    v: Vec<u8>,
+    at: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// A buffer of `len` bytes.
+    pub fn new(len: usize) -> Self {
+        let v = vec![0u8; len + DIRECT_ALIGN];
+        // An offset below the alignment always exists for u8.
+        let at = v.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        AlignedBuf { v, at, len }
+    }
+
+    /// The aligned bytes.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.v[self.at..self.at + self.len]
+    }
+
+    /// The first `n` aligned bytes (at most the buffer's length), as
+    /// [`Bytes`].
+    pub fn into_bytes(self, n: usize) -> bytes::Bytes {
+        let end = self.at + n.min(self.len);
+        bytes::Bytes::from(self.v).slice(self.at..end)
+    }
+}
 
 /// A file-system step that failed, with what was being done and the path.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +135,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn aligned_buffers_are_aligned_and_hand_on_their_bytes() {
+        for len in [0, 1, 4096, 100_000] {
+            let mut b = AlignedBuf::new(len);
+            let s = b.as_mut_slice();
+            assert_eq!(s.len(), len);
+            assert_eq!(s.as_ptr() as usize % DIRECT_ALIGN, 0);
+            s.fill(7);
+            let bytes = b.into_bytes(len / 2);
+            assert_eq!(bytes.len(), len / 2);
+            assert!(bytes.iter().all(|&x| x == 7));
+        }
+    }
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_tmp() {

@@ -6,10 +6,6 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-/// Alignment of buffers, offsets and lengths for [`Backing::open_direct`]
-/// reads (the page size, which covers every logical block size in use).
-pub(crate) const DIRECT_ALIGN: usize = 4096;
-
 /// A backing file.
 #[derive(Debug)]
 pub(crate) struct Backing {
@@ -27,20 +23,10 @@ impl Backing {
         }
     }
 
-    /// Opens `path` read-only with direct I/O (`O_DIRECT`): reads go from
-    /// the disk into the caller's buffer without a copy through the page
-    /// cache, and without evicting what the sidecar keeps cached there. The
-    /// kernel writes back dirty cached pages of a range before reading it
-    /// directly, so these reads see everything written through the page
-    /// cache. Buffers, offsets and lengths must be aligned to
-    /// [`DIRECT_ALIGN`]. Fails on filesystems without direct I/O.
+    /// Opens `path` read-only with direct I/O (see
+    /// [`crate::fsutil::open_direct`]).
     pub(crate) fn open_direct(path: &std::path::Path) -> std::io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-            .open(path)?;
-        Ok(Backing::new(file))
+        crate::fsutil::open_direct(path).map(Backing::new)
     }
 
     /// True when this handle was opened read-only (an offline backup or

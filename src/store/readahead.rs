@@ -26,8 +26,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::backing::{Backing, DIRECT_ALIGN};
+use super::backing::Backing;
 use super::format::{self, BLOCK_SIZE, GROUP_BLOCKS, PAIR_SIZE};
+use crate::fsutil::{direct_refused, AlignedBuf, DIRECT_ALIGN};
 
 /// Threads reading ahead with direct I/O, each with up to one finished group
 /// waiting: with 1 MiB groups, about the queue depth at which a virtual disk
@@ -123,19 +124,15 @@ struct Reader {
 impl Reader {
     /// Reads `len` bytes at `off` into a fresh buffer, directly if possible.
     fn read(&mut self, len: usize, off: u64) -> std::io::Result<Bytes> {
-        let mut v = vec![0u8; len + DIRECT_ALIGN];
-        let at = v.as_ptr().align_offset(DIRECT_ALIGN);
-        if at > DIRECT_ALIGN {
-            return Err(std::io::Error::other("cannot align a read buffer"));
-        }
-        let buf = &mut v[at..at + len];
+        let mut ab = AlignedBuf::new(len);
+        let buf = ab.as_mut_slice();
         let aligned = len.is_multiple_of(DIRECT_ALIGN) && off.is_multiple_of(DIRECT_ALIGN as u64);
         match &self.direct {
             Some(d) if aligned => match d.read_full_at(buf, off) {
                 Ok(()) => {}
                 // Direct I/O refused after all (alignment rules of this
                 // filesystem): go on through the page cache.
-                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                Err(e) if direct_refused(&e) => {
                     self.direct = None;
                     (self.buffered)(buf, off)?;
                 }
@@ -143,7 +140,7 @@ impl Reader {
             },
             _ => (self.buffered)(buf, off)?,
         }
-        Ok(Bytes::from(v).slice(at..at + len))
+        Ok(ab.into_bytes(len))
     }
 
     fn group(&mut self, g: u64, blocks: u64) -> std::io::Result<GroupRead> {

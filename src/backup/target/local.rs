@@ -70,28 +70,23 @@ fn write_all_parts<P: AsRef<[u8]>>(f: &mut std::fs::File, parts: &[P]) -> std::i
 
 /// Objects at least this long are read with direct I/O.
 const DIRECT_MIN: u64 = 256 << 10;
-/// Alignment of direct-I/O buffers and offsets.
-const DIRECT_ALIGN: usize = 4096;
 
 /// Reads a whole object. A large one (a chunk) is read with direct I/O where
 /// the file system has it: the disk fills the buffer without a copy through
 /// the page cache, and a restore does not fill the node's page cache with
 /// backup data. Anything else, or a refusal, reads through the page cache.
 fn read_object(p: &Path) -> std::io::Result<Bytes> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let direct = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-        .open(p);
-    if let Ok(f) = direct {
+    use crate::fsutil::{direct_refused, open_direct, AlignedBuf, DIRECT_ALIGN};
+    use std::os::unix::fs::FileExt;
+    if let Ok(f) = open_direct(p) {
         let len = f.metadata()?.len();
         if let Some(n) = usize::try_from(len).ok().filter(|_| len >= DIRECT_MIN) {
             let cap = n.next_multiple_of(DIRECT_ALIGN);
-            let mut v = vec![0u8; cap + DIRECT_ALIGN];
-            let at = v.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+            let mut ab = AlignedBuf::new(cap);
+            let buf = ab.as_mut_slice();
             let mut done = 0usize;
             let complete = loop {
-                match f.read_at(&mut v[at + done..at + cap], done as u64) {
+                match f.read_at(&mut buf[done..], done as u64) {
                     Ok(0) => break done == n,
                     Ok(k) => {
                         done += k;
@@ -101,14 +96,12 @@ fn read_object(p: &Path) -> std::io::Result<Bytes> {
                         }
                     }
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-                        break false;
-                    }
+                    Err(e) if direct_refused(&e) => break false,
                     Err(e) => return Err(e),
                 }
             };
             if complete {
-                return Ok(Bytes::from(v).slice(at..at + n));
+                return Ok(ab.into_bytes(n));
             }
         }
     }
