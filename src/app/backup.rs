@@ -62,10 +62,6 @@ fn manifest_keys(ring: &KeyRing) -> Result<ManifestKeys> {
     ManifestKeys::from_ring(ring).context("derive the backup manifest keys")
 }
 
-fn dir_id_of(reg: &Registry) -> Result<[u8; 16]> {
-    Ok(reg.dir_id_bytes()?)
-}
-
 pub(crate) async fn open_target(dest: &str) -> Result<Arc<dyn BackupTarget>> {
     let d = Destination::parse(dest)?;
     d.open(&S3Options::default())
@@ -456,7 +452,7 @@ async fn take_offline(
     let registry_bytes = std::fs::read(Registry::path_in(dir))
         .with_context(|| format!("read {}", Registry::path_in(dir).display()))?;
     let ring = unwrap(&reg, &a.keys).await?;
-    let dir_id = dir_id_of(&reg)?;
+    let dir_id = reg.dir_id_bytes()?;
     if !store::existing_exports(dir)?.iter().any(|n| n == name) {
         bail!("no export {name:?} in {}", dir.display());
     }
@@ -709,7 +705,7 @@ async fn restore(a: &RestoreArgs) -> Result<()> {
             .with_context(|| format!("create {}", a.data_dir.display()))?;
     }
     let lock = super::lock_data_dir(&a.data_dir)?;
-    let sink = RestoreSink::new(&a.data_dir, dir_id_of(&reg)?, Arc::clone(&ring));
+    let sink = RestoreSink::new(&a.data_dir, reg.dir_id_bytes()?, Arc::clone(&ring));
     let bar = Bar::new(a.json, "restore");
     let r = backup::restore(Arc::clone(&target), &id, &keys, sink, 4, &|p| bar.update(p)).await;
     bar.done();
